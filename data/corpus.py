@@ -12,6 +12,7 @@ Rows are counted from 0 within their file (or hub split).
 
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
 import json
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from data.config import ConfigError, option
 
@@ -374,6 +377,51 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
+class SeenIds:
+    """The ids seen so far, as 8-byte digests with the global row of each: 16 bytes a row.
+
+    The one piece of loader state that grows with the corpus (repeats must be numbered and
+    duplicate ids caught across the whole of it). A dict of Python ints would cost about
+    250 bytes a row, so new entries wait in a small dict and every `merge_every` of them
+    join two sorted numpy arrays that answer lookups by binary search.
+    """
+
+    def __init__(self, merge_every: int = 1 << 16):
+        self._merge_every = merge_every
+        self._digests = np.empty(0, dtype=np.uint64)
+        self._rows = np.empty(0, dtype=np.int64)
+        self._recent: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._digests) + len(self._recent)
+
+    def row_of(self, digest: int) -> int | None:
+        """The global row where `digest` was first added, or None if it never was."""
+        row = self._recent.get(digest)
+        if row is not None:
+            return row
+        key = np.uint64(digest)
+        at = int(np.searchsorted(self._digests, key))
+        if at < len(self._digests) and self._digests[at] == key:
+            return int(self._rows[at])
+        return None
+
+    def add(self, digest: int, row: int) -> None:
+        self._recent[digest] = row
+        if len(self._recent) >= self._merge_every:
+            self._merge()
+
+    def _merge(self) -> None:
+        count = len(self._recent)
+        digests = np.concatenate(
+            [self._digests, np.fromiter(self._recent.keys(), dtype=np.uint64, count=count)])
+        rows = np.concatenate(
+            [self._rows, np.fromiter(self._recent.values(), dtype=np.int64, count=count)])
+        order = np.argsort(digests, kind="stable")
+        self._digests, self._rows = digests[order], rows[order]
+        self._recent.clear()
+
+
 def content_id(messages: list[dict[str, str]]) -> str:
     """A stable id from the conversation text alone (same text, same id, on any machine)."""
     blob = json.dumps(messages, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -416,15 +464,15 @@ def iter_indexed_examples(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """`iter_examples` with each example's global row index (its position in the corpus)."""
     report = report if report is not None else LoadReport()
-    # Ids seen so far, as 8-byte digests with the row they came from: the one piece of state
-    # that grows with the corpus, kept to tens of bytes a row so a corpus streams.
-    seen_ids: dict[int, tuple[int, int]] = {}
+    seen_ids = SeenIds()
     source_names: list[str] = []
+    source_starts: list[int] = []  # global row of each source's first row
     global_row = 0
     shape: str | None = None if cfg.shape == "auto" else cfg.shape
     id_column = cfg.id_column or cfg.columns.get("id")
-    for source_number, source in enumerate(resolve_sources(cfg)):
+    for source in resolve_sources(cfg):
         source_names.append(source.name)
+        source_starts.append(global_row)
         for row_index, row in enumerate(_stream_source(source, cfg)):
             if cfg.max_rows is not None and global_row >= cfg.max_rows:
                 return
@@ -444,14 +492,15 @@ def iter_indexed_examples(
                         raise CorpusError(source.name, str(err)) from None
                 messages = row_to_messages(row, shape, cfg)
                 example_id = _example_id(row, messages, id_column,
-                                         lambda i: _digest(i) in seen_ids)
+                                         lambda i: seen_ids.row_of(_digest(i)) is not None)
                 digest = _digest(example_id)
-                if digest in seen_ids:
-                    first_source, first_row = seen_ids[digest]
+                first = seen_ids.row_of(digest)
+                if first is not None:
+                    first_source = bisect.bisect_right(source_starts, first) - 1
                     raise _RowError(
                         id_column or "id",
                         f"duplicate id: {example_id!r} was first seen at "
-                        f"{source_names[first_source]}, row {first_row}",
+                        f"{source_names[first_source]}, row {first - source_starts[first_source]}",
                     )
             except _RowError as bad:
                 if not owned:
@@ -461,7 +510,7 @@ def iter_indexed_examples(
                     report.skip(err)
                     continue
                 raise err from None
-            seen_ids[digest] = (source_number, row_index)
+            seen_ids.add(digest, index)
             if not owned:
                 continue
             report.rows_kept += 1

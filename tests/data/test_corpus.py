@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from data.config import from_dict
-from data.corpus import CorpusConfig, CorpusError, LoadReport, iter_examples, load_examples
+from data.corpus import (
+    CorpusConfig,
+    CorpusError,
+    LoadReport,
+    SeenIds,
+    iter_examples,
+    load_examples,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -182,6 +189,30 @@ def test_duplicate_source_ids_are_refused(tmp_path):
                                               {"id": "x", "prompt": "c", "response": "d"}])
     with pytest.raises(CorpusError, match=r"row 1, field 'id': duplicate id: 'x' was first seen"):
         load_examples(corpus(path))
+
+
+def test_a_duplicate_id_names_where_it_first_appeared_across_files(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": f"r{i}", "prompt": "p", "response": "q"}
+                                       for i in range(5)])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": "new", "prompt": "p", "response": "q"},
+                                       {"id": "r3", "prompt": "p", "response": "q"}])
+    with pytest.raises(CorpusError, match=r"b.jsonl, row 1, field 'id': duplicate id: 'r3' "
+                                          r"was first seen at .*a.jsonl, row 3"):
+        load_examples(corpus(tmp_path / "*.jsonl"))
+
+
+def test_seen_ids_answer_the_same_before_and_after_merging():
+    import random
+
+    rng = random.Random(0)
+    digests = list({rng.getrandbits(64) for _ in range(50)})
+    seen = SeenIds(merge_every=7)  # several merges, and some entries still unmerged
+    for row, digest in enumerate(digests):
+        assert seen.row_of(digest) is None
+        seen.add(digest, row)
+    assert len(seen) == len(digests) == 50
+    assert [seen.row_of(d) for d in digests] == list(range(50))
+    assert seen.row_of(2**64 - 1) is None and seen.row_of(0) is None
 
 
 def test_file_level_errors(tmp_path):
