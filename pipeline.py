@@ -41,10 +41,17 @@ class RunConfig:
     embedded_scale: Literal["full", "smoke"] = option(
         "full", help="With no corpus given, the embedded default's size: full shows the "
         "effect (minutes); smoke checks the wiring (seconds).")
+    embedded_seed: int = option(0, help="With no corpus given, the seed of the embedded "
+                                "world and of its tiny models.")
     methods: list[str] = option(
-        ["sft", "constant_kl", "adaptive:critic", "adaptive:probe", "star_dss"],
+        ["sft", "constant_kl", "adaptive:critic", "adaptive:probe", "adaptive_example:critic",
+         "star_dss"],
         help="Training runs from the same shards: a train method, optionally with the risk "
         "signal after a colon (adaptive:probe).")
+    benign_corpus: str = option(
+        "", help="A purely benign fine-tuning set (same formats as annotate's corpus): plain "
+        "SFT on it runs too, as `sft_benign`, to show how much benign fine-tuning alone "
+        "moves safety. The embedded default uses its world's benign set.")
     annotate: AnnotateConfig = option(AnnotateConfig, help="Stage one.")
     train: TrainConfig = option(TrainConfig, help="Stage two (per method; method and "
                                 "output_dir are set by the run).")
@@ -124,7 +131,8 @@ def run(cfg: RunConfig) -> None:
     print(f"[1/3] annotate {cfg.annotate.corpus.path}", flush=True)
     annotate(cfg.annotate)
 
-    print(f"[2/3] train {len(cfg.methods)} method(s) from {cfg.annotate.output_dir}", flush=True)
+    runs = len(cfg.methods) + bool(cfg.benign_corpus)
+    print(f"[2/3] train {runs} model(s) from {cfg.annotate.output_dir}", flush=True)
     checkpoints = {"reference": cfg.annotate.policy}
     for spec in cfg.methods:
         method, _, signal = spec.partition(":")
@@ -136,9 +144,28 @@ def run(cfg: RunConfig) -> None:
                             output_dir=str(out / "train" / name))
         print(f"  {spec}", flush=True)
         checkpoints[name] = str(train(train_cfg).final_dir)
+    if cfg.benign_corpus:
+        checkpoints["sft_benign"] = str(train_on_benign_corpus(cfg, out).final_dir)
 
     print(f"[3/3] evaluate {len(checkpoints)} model(s)", flush=True)
     run_evaluation(cfg, checkpoints, out)
+
+
+def train_on_benign_corpus(cfg: RunConfig, out: Path):
+    """Plain SFT on the benign set: its shards need no risk scores, only the data pass."""
+    from annotate.run import annotate
+    from train.run import train
+
+    benign_shards = out / "annotate_benign"
+    annotate(replace(cfg.annotate, corpus=replace(cfg.annotate.corpus, path=cfg.benign_corpus),
+                     critic=replace(cfg.annotate.critic, model=""),
+                     star=replace(cfg.annotate.star, enabled=False),
+                     probe=replace(cfg.annotate.probe, path=""),
+                     output_dir=str(benign_shards)))
+    print(f"  sft on the benign set {cfg.benign_corpus}", flush=True)
+    return train(replace(cfg.train, method="sft", shards=str(benign_shards),
+                         policy=cfg.train.policy or cfg.annotate.policy,
+                         output_dir=str(out / "train" / "sft_benign")))
 
 
 def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
@@ -151,7 +178,7 @@ def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
     print(f"embedded default ({cfg.embedded_scale}): world, tiny policy and guard in {out}",
           flush=True)
     settings = SCALES[cfg.embedded_scale]
-    default = prepare_embedded_default(out, settings=settings)
+    default = prepare_embedded_default(out, seed=cfg.embedded_seed, settings=settings)
 
     # The probe learns harmful intent from the alignment set's prompts, apart from the
     # attack mix it then scores.
@@ -184,13 +211,19 @@ def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
         output_dir=str(out / "annotate"),
     )
     # Fine-tuning on the attack mix: a few epochs, so that plain SFT has time to learn the
-    # harmful-compliant share and the defenses have something to hold back.
+    # harmful-compliant share and the defenses have something to hold back. The attack
+    # dilutes harmful rows among benign ones (30%), so a batch's *mean* risk stays near 0.3,
+    # where the paper's preset gives w = 0.1 and SFT wins; the batch *max* pulls every batch
+    # that holds a harmful row to the reference (the paper's own attack is all harmful, where
+    # the two agree).
     train_cfg = replace(cfg.train, learning_rate=1e-3, epochs=3, per_device_batch_size=16,
                         warmup_ratio=0.05, save_every=0,
+                        risk=replace(cfg.train.risk, aggregate="max"),
                         tokenization=replace(cfg.train.tokenization,
                                              max_length=settings.max_length))
     evaluate_cfg = embedded_evaluate_config(cfg.evaluate, default, settings)
-    return replace(cfg, annotate=annotate_cfg, train=train_cfg, evaluate=evaluate_cfg)
+    return replace(cfg, annotate=annotate_cfg, train=train_cfg, evaluate=evaluate_cfg,
+                   benign_corpus=cfg.benign_corpus or str(default.sets["benign_finetune"]))
 
 
 def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> EvaluateConfig:

@@ -18,12 +18,17 @@ def test_run_on_the_embedded_default(tmp_path, capsys):
                          required_columns=[CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN])
     world_rows = sum(1 for _ in (out / "world" / "attack_mix_30.jsonl").open())
     assert reader.num_rows == world_rows
-    for name in ("sft", "adaptive_critic"):
+    for name in ("sft", "adaptive_critic", "sft_benign"):
         assert (out / "train" / name / "final" / "config.json").exists()
+    # the benign baseline trains on the world's benign set, through its own shards
+    benign_rows = sum(1 for _ in (out / "world" / "benign_finetune.jsonl").open())
+    assert ShardReader(out / "annotate_benign").num_rows == benign_rows
     report = json.loads((out / "evaluate" / "report.json").read_text())
-    assert [r["name"] for r in report["checkpoints"]] == ["reference", "sft", "adaptive_critic"]
+    assert [r["name"] for r in report["checkpoints"]] == ["reference", "sft", "adaptive_critic",
+                                                          "sft_benign"]
     assert (out / "evaluate" / "report.md").exists()
-    assert "[3/3] evaluate 3 model(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[2/3] train 3 model(s)" in printed and "[3/3] evaluate 4 model(s)" in printed
     # a second run resumes: nothing is annotated again
     assert pipeline.main(args) == 0
     runs = json.loads((out / "annotate" / "report.worker-0-of-1.json").read_text())["runs"]
