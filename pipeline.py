@@ -18,7 +18,7 @@ import importlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from annotate.config import AnnotateConfig
 from annotate.probe_stage import ProbeFitConfig
@@ -33,6 +33,9 @@ from data.config import (
 )
 from evaluate.config import EvaluateConfig
 from train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from train.run import TrainResult
 
 
 @dataclass
@@ -151,7 +154,7 @@ def run(cfg: RunConfig) -> None:
     run_evaluation(cfg, checkpoints, out)
 
 
-def train_on_benign_corpus(cfg: RunConfig, out: Path):
+def train_on_benign_corpus(cfg: RunConfig, out: Path) -> TrainResult:
     """Plain SFT on the benign set: its shards need no risk scores, only the data pass."""
     from annotate.run import annotate
     from train.run import train

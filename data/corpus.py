@@ -412,13 +412,16 @@ class SeenIds:
             self._merge()
 
     def _merge(self) -> None:
+        # Insert the sorted new entries into the sorted arrays: one array copy at a time,
+        # so the peak stays near the arrays' own size (a concatenate-and-argsort needs 3x).
         count = len(self._recent)
-        digests = np.concatenate(
-            [self._digests, np.fromiter(self._recent.keys(), dtype=np.uint64, count=count)])
-        rows = np.concatenate(
-            [self._rows, np.fromiter(self._recent.values(), dtype=np.int64, count=count)])
-        order = np.argsort(digests, kind="stable")
-        self._digests, self._rows = digests[order], rows[order]
+        digests = np.fromiter(self._recent.keys(), dtype=np.uint64, count=count)
+        rows = np.fromiter(self._recent.values(), dtype=np.int64, count=count)
+        order = np.argsort(digests)
+        digests, rows = digests[order], rows[order]
+        at = np.searchsorted(self._digests, digests)
+        self._digests = np.insert(self._digests, at, digests)
+        self._rows = np.insert(self._rows, at, rows)
         self._recent.clear()
 
 
