@@ -192,7 +192,7 @@ def main() -> None:
     print(f"  vllm prefill: {flops / times['vllm'] / 1e9:.0f} GFLOP/s of a measured bf16 matmul "
           f"peak of {peak / 1e9:.0f} GFLOP/s = {flops / times['vllm'] / peak:.0%}"
           + ("  (counting every prompt token; cached ones are not computed, so this can pass "
-             "100%: use --template generic for the machine-efficiency figure)" if shared >= 
+             "100%: use --template generic for the machine-efficiency figure)" if shared >=
              args.block_size else ""))
     print(f"  vllm engine start-up {startup:.1f} s (not in the rates); max |P(unsafe) vllm - "
           f"forward| = {agreement:.3g}; generate judged "
