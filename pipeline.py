@@ -124,7 +124,6 @@ def run(cfg: RunConfig) -> None:
     """
     from annotate.run import annotate
     from data.config import save_resolved
-    from train.run import train
 
     out = Path(cfg.output_dir)
     if not cfg.annotate.corpus.path:
@@ -141,12 +140,10 @@ def run(cfg: RunConfig) -> None:
         method, _, signal = spec.partition(":")
         name = spec.replace(":", "_")
         risk = replace(cfg.train.risk, signal=signal) if signal else cfg.train.risk
-        train_cfg = replace(cfg.train, method=method, risk=risk,
-                            shards=cfg.train.shards or cfg.annotate.output_dir,
-                            policy=cfg.train.policy or cfg.annotate.policy,
-                            output_dir=str(out / "train" / name))
         print(f"  {spec}", flush=True)
-        checkpoints[name] = str(train(train_cfg).final_dir)
+        result = train_run_model(cfg, out, name, method=method, risk=risk,
+                                 shards=cfg.train.shards or cfg.annotate.output_dir)
+        checkpoints[name] = str(result.final_dir)
     if cfg.benign_corpus:
         checkpoints["sft_benign"] = str(train_on_benign_corpus(cfg, out).final_dir)
 
@@ -157,7 +154,6 @@ def run(cfg: RunConfig) -> None:
 def train_on_benign_corpus(cfg: RunConfig, out: Path) -> TrainResult:
     """Plain SFT on the benign set: its shards need no risk scores, only the data pass."""
     from annotate.run import annotate
-    from train.run import train
 
     benign_shards = out / "annotate_benign"
     annotate(replace(cfg.annotate, corpus=replace(cfg.annotate.corpus, path=cfg.benign_corpus),
@@ -166,9 +162,16 @@ def train_on_benign_corpus(cfg: RunConfig, out: Path) -> TrainResult:
                      probe=replace(cfg.annotate.probe, path=""),
                      output_dir=str(benign_shards)))
     print(f"  sft on the benign set {cfg.benign_corpus}", flush=True)
-    return train(replace(cfg.train, method="sft", shards=str(benign_shards),
-                         policy=cfg.train.policy or cfg.annotate.policy,
-                         output_dir=str(out / "train" / "sft_benign")))
+    return train_run_model(cfg, out, "sft_benign", method="sft", shards=str(benign_shards))
+
+
+def train_run_model(cfg: RunConfig, out: Path, name: str, **changes) -> TrainResult:
+    """Stage two for one model of the run: the run's train settings, the annotated policy
+    unless train names another, and `out/train/<name>`."""
+    from train.run import train
+
+    return train(replace(cfg.train, policy=cfg.train.policy or cfg.annotate.policy,
+                         output_dir=str(out / "train" / name), **changes))
 
 
 def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
