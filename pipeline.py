@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from annotate.config import AnnotateConfig
-from annotate.probe_stage import ProbeFitConfig
-from data.config import (
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.annotate.probe_stage import ProbeFitConfig
+from safekeel.data.config import (
     ConfigError,
     add_config_arguments,
     from_dict,
@@ -31,11 +31,11 @@ from data.config import (
     option,
     overrides_from_namespace,
 )
-from evaluate.config import EvaluateConfig
-from train.config import TrainConfig
+from safekeel.evaluate.config import EvaluateConfig
+from safekeel.train.config import TrainConfig
 
 if TYPE_CHECKING:
-    from train.run import TrainResult
+    from safekeel.train.run import TrainResult
 
 
 @dataclass
@@ -61,7 +61,7 @@ class RunConfig:
     evaluate: EvaluateConfig = option(EvaluateConfig, help="Stage three.")
 
     def validate(self) -> None:
-        from train.config import METHODS
+        from safekeel.train.config import METHODS
 
         for spec in self.methods:
             method, _, signal = spec.partition(":")
@@ -81,15 +81,15 @@ class Verb:
 
 
 VERBS = {
-    "annotate": Verb(AnnotateConfig, "annotate.run:annotate",
+    "annotate": Verb(AnnotateConfig, "safekeel.annotate.run:annotate",
                      "Stage one: score a corpus for risk and write annotated Parquet shards."),
-    "train": Verb(TrainConfig, "train.run:train",
+    "train": Verb(TrainConfig, "safekeel.train.run:train",
                   "Stage two: fine-tune from annotated shards with risk-adaptive KL."),
-    "evaluate": Verb(EvaluateConfig, "pipeline:evaluate_verb",
+    "evaluate": Verb(EvaluateConfig, "safekeel.pipeline:evaluate_verb",
                      "Stage three: attack success rate and utility of checkpoints, as a report."),
-    "probe": Verb(ProbeFitConfig, "annotate.probe_stage:fit",
+    "probe": Verb(ProbeFitConfig, "safekeel.annotate.probe_stage:fit",
                   "Fit the harmful-intent probe on labelled prompt files and report it."),
-    "run": Verb(RunConfig, "pipeline:run",
+    "run": Verb(RunConfig, "safekeel.pipeline:run",
                 "All three stages on the embedded default (or on your config)."),
 }
 
@@ -122,8 +122,8 @@ def run(cfg: RunConfig) -> None:
     annotate once -> train every method in `methods` from the same shards -> evaluate the
     starting policy (the safe reference) and every trained model side by side.
     """
-    from annotate.run import annotate
-    from data.config import save_resolved
+    from safekeel.annotate.run import annotate
+    from safekeel.data.config import save_resolved
 
     out = Path(cfg.output_dir)
     if not cfg.annotate.corpus.path:
@@ -153,7 +153,7 @@ def run(cfg: RunConfig) -> None:
 
 def train_on_benign_corpus(cfg: RunConfig, out: Path) -> TrainResult:
     """Plain SFT on the benign set: its shards need no risk scores, only the data pass."""
-    from annotate.run import annotate
+    from safekeel.annotate.run import annotate
 
     benign_shards = out / "annotate_benign"
     annotate(replace(cfg.annotate, corpus=replace(cfg.annotate.corpus, path=cfg.benign_corpus),
@@ -168,7 +168,7 @@ def train_on_benign_corpus(cfg: RunConfig, out: Path) -> TrainResult:
 def train_run_model(cfg: RunConfig, out: Path, name: str, **changes) -> TrainResult:
     """Stage two for one model of the run: the run's train settings, the annotated policy
     unless train names another, and `out/train/<name>`."""
-    from train.run import train
+    from safekeel.train.run import train
 
     return train(replace(cfg.train, policy=cfg.train.policy or cfg.annotate.policy,
                          output_dir=str(out / "train" / name), **changes))
@@ -178,8 +178,8 @@ def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
     """The run on the embedded default: its world, its aligned policy, its guard as critic."""
     import json
 
-    from annotate.probe_stage import ProbeFitConfig, fit
-    from data.embedded import SCALES, prepare_embedded_default
+    from safekeel.annotate.probe_stage import ProbeFitConfig, fit
+    from safekeel.data.embedded import SCALES, prepare_embedded_default
 
     print(f"embedded default ({cfg.embedded_scale}): world, tiny policy and guard in {out}",
           flush=True)
@@ -234,7 +234,7 @@ def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
 
 def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> EvaluateConfig:
     """Evaluation on the world's held-out sets, judged by keywords and by the tiny guard."""
-    from evaluate.config import PromptSetConfig, TaskConfig
+    from safekeel.evaluate.config import PromptSetConfig, TaskConfig
 
     return replace(
         base,
@@ -244,7 +244,7 @@ def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> Evaluat
         benign_prompts=PromptSetConfig(name="world_benign",
                                        path=str(default.sets["eval_benign_overrefusal"])),
         tasks=[TaskConfig(name="world_tasks", path=str(default.sets["eval_tasks"]),
-                          reference="row", scorer="data.world:score_response")],
+                          reference="row", scorer="safekeel.data.world:score_response")],
         critic=replace(base.critic, model=str(default.guard), template=default.guard_template,
                        template_options=default.guard_template_options),
         max_new_tokens=settings.generation_tokens,
@@ -259,15 +259,15 @@ def run_evaluation(cfg: RunConfig, checkpoints: dict[str, str], out: Path) -> No
 
 def evaluate_verb(cfg: EvaluateConfig) -> None:
     """`safekeel evaluate`: stage three with the Safety Critic judge wired in."""
-    from evaluate.run import evaluate
+    from safekeel.evaluate.run import evaluate
 
     evaluate(cfg, critic_factory=build_critic_judge if cfg.critic.model else None)
 
 
 def build_critic_judge(judge_cfg):
     """Stage three's Safety Critic judge, served by the same code as stage one's critic."""
-    from data.critic import CriticSettings, make_critic
-    from evaluate.run import CriticJudge
+    from safekeel.data.critic import CriticSettings, make_critic
+    from safekeel.evaluate.run import CriticJudge
 
     critic = make_critic(CriticSettings(
         model=judge_cfg.model, template=judge_cfg.template,
@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"safekeel {args.verb}: config error: {err}\n")
     if args.print_config:
         import yaml
-
-        from data.config import to_dict
+        from safekeel.data.config import to_dict
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0

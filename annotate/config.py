@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from annotate.probe_stage import ProbeApplyConfig
-from data.config import ConfigError, option
-from data.corpus import CorpusConfig
-from data.critic import CriticSettings
-from data.tokenization import TokenizationConfig
+from safekeel.annotate.probe_stage import ProbeApplyConfig
+from safekeel.data.config import ConfigError, option
+from safekeel.data.corpus import CorpusConfig
+from safekeel.data.critic import CriticSettings
+from safekeel.data.tokenization import TokenizationConfig
 
 
 @dataclass

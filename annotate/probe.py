@@ -31,11 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
 
 ProbeKind = Literal["logreg", "mlp"]
 PROBE_KINDS: tuple[str, ...] = ("logreg", "mlp")
@@ -555,7 +554,7 @@ def load_prompt_file(path: str | Path) -> list[tuple[str, list[dict[str, str]]]]
     instruction / prompt / goal / messages columns) the corpus loader reads it, with rows
     that need no response. Empty prompts are refused, naming file and row.
     """
-    from data.corpus import CorpusConfig, load_examples
+    from safekeel.data.corpus import CorpusConfig, load_examples
 
     path = Path(path)
     if path.suffix.lower() not in PROMPT_FILE_SUFFIXES:

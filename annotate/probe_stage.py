@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from annotate.activations import ActivationSpec, TransformersActivationExtractor
-from annotate.probe import (
+from safekeel.annotate.activations import ActivationSpec, TransformersActivationExtractor
+from safekeel.annotate.probe import (
     fit_probe_from_files,
     load_probe,
     load_probe_for,
     probe_scores,
     save_probe,
 )
-from data.config import ConfigError, option, save_resolved
-from data.shards import PROBE_COLUMN, file_sha256
+from safekeel.data.config import ConfigError, option, save_resolved
+from safekeel.data.shards import PROBE_COLUMN, file_sha256
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ProbeFitConfig:
 
 def _extractor(policy: str, spec: ActivationSpec, batch_size: int,
                trust_remote_code: bool = False) -> TransformersActivationExtractor:
-    from data.models import load_causal_lm, load_tokenizer
+    from safekeel.data.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(policy, trust_remote_code=trust_remote_code)
     model = load_causal_lm(policy, dtype="float32", trust_remote_code=trust_remote_code)

@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
-from tqdm.auto import tqdm
-
-from annotate.config import AnnotateConfig
-from data.config import config_hash, save_resolved
-from data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
-from data.shards import (
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.data.config import config_hash, save_resolved
+from safekeel.data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
+from safekeel.data.shards import (
     ID_COLUMN,
     MESSAGES_COLUMN,
     STAR_ENDS_COLUMN,
@@ -38,7 +36,8 @@ from data.shards import (
     shard_schema,
     tokenizer_fingerprint,
 )
-from data.tokenization import TokenizationIssue, tokenize_example
+from safekeel.data.tokenization import TokenizationIssue, tokenize_example
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,13 @@ def build_annotators(cfg: AnnotateConfig, tokenizer: Any) -> list[Annotator]:
     """The risk scorers this config asks for, sharing one guard engine."""
     annotators: list[Annotator] = []
     if cfg.probe.enabled:
-        from annotate.probe_stage import ProbeAnnotator
+        from safekeel.annotate.probe_stage import ProbeAnnotator
 
         annotators.append(ProbeAnnotator(cfg.probe, cfg.policy, cfg.trust_remote_code))
     if not cfg.critic.enabled:
         return annotators
-    from annotate.star import StarAnnotator
-    from data.critic import make_critic
+    from safekeel.annotate.star import StarAnnotator
+    from safekeel.data.critic import make_critic
 
     settings = cfg.critic
     if cfg.star.enabled:
@@ -136,7 +135,7 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
 
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
-    from data.models import load_tokenizer
+    from safekeel.data.models import load_tokenizer
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -244,7 +243,7 @@ def _finish_shard(cfg, index, examples, schema, provenance, annotators, manifest
 
 
 def _all_workers_done(out: Path, num_workers: int) -> bool:
-    from data.shards import manifest_filename
+    from safekeel.data.shards import manifest_filename
 
     for i in range(num_workers):
         path = out / manifest_filename(num_workers, i)

@@ -20,8 +20,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
-from data.tokenization import prompt_and_response_ids
+from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+from safekeel.data.tokenization import prompt_and_response_ids
 
 
 def segment_ends(n_tokens: int, segment_tokens: int) -> list[int]:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys, time
-from annotate.config import AnnotateConfig
-from annotate.run import annotate
-from data.config import from_dict
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.annotate.run import annotate
+from safekeel.data.config import from_dict
 cfg = from_dict(AnnotateConfig, json.loads(sys.argv[1]))
 started = time.perf_counter()
 result = annotate(cfg)
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     args = parser.parse_args()
-    from data.tiny_models import save_tiny_model
+    from safekeel.data.tiny_models import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

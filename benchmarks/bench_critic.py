@@ -41,8 +41,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch
-
-from data.critic import CriticSettings, TransformersCritic, VLLMCritic
+from safekeel.data.critic import CriticSettings, TransformersCritic, VLLMCritic
 
 GENERATE_LENGTHS = (4, 8)  # new tokens: a label word; a full Llama Guard 3 verdict
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

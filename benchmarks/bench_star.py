@@ -26,9 +26,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS says otherwise
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-from annotate.star import StarAnnotator
-from data.critic import CriticSettings, VLLMCritic
-from data.models import load_tokenizer
+from safekeel.annotate.star import StarAnnotator
+from safekeel.data.critic import CriticSettings, VLLMCritic
+from safekeel.data.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL = "smollm2-135m-instruct"

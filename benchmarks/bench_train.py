@@ -69,7 +69,7 @@ def make_rows(n: int, risk: float) -> list[dict]:
 
 
 def write_shards(directory: Path, rows: list[dict], fingerprint: str) -> Path:
-    from data.shards import (
+    from safekeel.data.shards import (
         MANIFEST_NAME,
         Manifest,
         Provenance,
@@ -95,7 +95,7 @@ def write_shards(directory: Path, rows: list[dict], fingerprint: str) -> Path:
 def prepare_model(name: str, work: Path) -> str:
     if name != "tiny":
         return name
-    from data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+    from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
 
     tokenizer = build_tokenizer()
     model = build_tiny_llama(tokenizer, num_layers=4, hidden_size=256, num_heads=4,
@@ -108,9 +108,9 @@ def prepare_model(name: str, work: Path) -> str:
 
 def worker(spec: dict) -> dict:
     """Train one configuration in this process; step times from the log, peak RSS at the end."""
-    import train.run as run_module
-    from data.config import from_dict
-    from train.config import TrainConfig
+    import safekeel.train.run as run_module
+    from safekeel.data.config import from_dict
+    from safekeel.train.config import TrainConfig
 
     if spec.pop("zero_weight_at_zero_risk", False):
         # the paper's preset never reaches w = 0; a ramp from 0 lets zero-risk batches skip
@@ -145,10 +145,10 @@ def run_worker(spec: dict) -> dict:
 
 def reader_tokens_per_second(shards: Path, policy: str, max_length: int, batch: int) -> float:
     """Tokens (non-padding positions) per second out of the training stream, no model."""
-    from data.models import load_tokenizer
-    from data.shards import ShardReader
-    from data.tokenization import TokenizationConfig
-    from train.data import TrainingStream
+    from safekeel.data.models import load_tokenizer
+    from safekeel.data.shards import ShardReader
+    from safekeel.data.tokenization import TokenizationConfig
+    from safekeel.train.data import TrainingStream
 
     tokenizer = load_tokenizer(policy)
     reader = ShardReader(shards, required_columns=["critic_p_unsafe"])
@@ -177,8 +177,8 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from data.models import load_tokenizer
-    from data.shards import tokenizer_fingerprint
+    from safekeel.data.models import load_tokenizer
+    from safekeel.data.shards import tokenizer_fingerprint
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     policy = prepare_model(args.model, work)
@@ -251,10 +251,10 @@ def main() -> None:
 def reader_vs_trainer(shards: Path, policy: str, args, reader: float, trainer_response: float):
     """Both rates in all non-padding tokens: the trainer's log counts response tokens only,
     so its rate is scaled by the stream's own ratio of all tokens to response tokens."""
-    from data.models import load_tokenizer
-    from data.shards import ShardReader
-    from data.tokenization import TokenizationConfig
-    from train.data import TrainingStream
+    from safekeel.data.models import load_tokenizer
+    from safekeel.data.shards import ShardReader
+    from safekeel.data.tokenization import TokenizationConfig
+    from safekeel.train.data import TrainingStream
 
     stream = TrainingStream(ShardReader(shards, required_columns=["critic_p_unsafe"]),
                             load_tokenizer(policy), TokenizationConfig(max_length=args.max_length),

@@ -67,10 +67,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from data.config import option
-from data.guard_templates import (
+from safekeel.data.config import option
+from safekeel.data.guard_templates import (
     MODES,
     GuardTemplate,
     GuardTemplateError,
@@ -80,8 +78,9 @@ from data.guard_templates import (
     resolve_label_tokens,
     select_turns,
 )
-from data.shards import CRITIC_COLUMN
-from data.vllm_env import prepare_cpu_engine_environment
+from safekeel.data.shards import CRITIC_COLUMN
+from safekeel.data.vllm_env import prepare_cpu_engine_environment
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +405,7 @@ _TINY_CONVERSATION = (
 
 
 def _load_tokenizer(settings: CriticSettings) -> Any:
-    from data.models import load_tokenizer
+    from safekeel.data.models import load_tokenizer
 
     return load_tokenizer(
         settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code
@@ -604,7 +603,7 @@ class TransformersCritic(_CriticBase):
 
     @staticmethod
     def _load_model(settings: CriticSettings) -> Any:
-        from data.models import load_causal_lm
+        from safekeel.data.models import load_causal_lm
 
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = "auto" if settings.dtype == "float16" else settings.dtype
@@ -699,7 +698,7 @@ def vllm_supports_logprob_token_ids() -> bool:
 def vllm_engine_kwargs(settings: CriticSettings) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for these settings (None settings are left out)."""
     settings.check()
-    from data.models import resolve_model_path
+    from safekeel.data.models import resolve_model_path
 
     if settings.data_parallel_size > 1 and settings.distributed_executor_backend != (
         "external_launcher"

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
-from data.tiny_models import build_tiny_llama, build_word_tokenizer, save_tiny_model
-from data.world import (
+from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+from safekeel.data.tiny_models import build_tiny_llama, build_word_tokenizer, save_tiny_model
+from safekeel.data.world import (
     World,
     WorldExample,
     check_answer,
@@ -201,11 +200,11 @@ def _train_model(
     tokenizer: Any, work: Path, destination: Path,
 ) -> None:
     """Random tiny Llama -> annotate (data pass) -> train (sft) -> `destination`."""
-    from annotate.config import AnnotateConfig
-    from annotate.run import annotate
-    from data.config import from_dict
-    from train.config import TrainConfig
-    from train.run import LoopSettings, train
+    from safekeel.annotate.config import AnnotateConfig
+    from safekeel.annotate.run import annotate
+    from safekeel.data.config import from_dict
+    from safekeel.train.config import TrainConfig
+    from safekeel.train.run import LoopSettings, train
 
     initial = save_tiny_model(
         work / f"{name}_init",
@@ -356,7 +355,7 @@ def _rate(flags: Sequence[bool]) -> float:
 
 def measure_policy(policy_dir: Path, world: World, max_new_tokens: int) -> dict[str, Any]:
     """Refusal on held-out harmful requests, task accuracy, over-refusal, with examples."""
-    from data.models import load_causal_lm, load_tokenizer
+    from safekeel.data.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(policy_dir), load_tokenizer(policy_dir)
 
@@ -424,9 +423,9 @@ def harmful_start_token(response: str, harmful_start_char: int) -> int:
 def measure_guard(guard_dir: Path, guard_eval: list[WorldExample], segment_tokens: int
                   ) -> dict[str, Any]:
     """The guard's AUROC on guard_eval and STAR values before / after harm starts."""
-    from annotate.star import StarAnnotator
-    from data.critic import CriticSettings, TransformersCritic
-    from data.models import load_causal_lm, load_tokenizer
+    from safekeel.annotate.star import StarAnnotator
+    from safekeel.data.critic import CriticSettings, TransformersCritic
+    from safekeel.data.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(guard_dir)
     settings = CriticSettings(

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from data.config import ConfigError, option
+from safekeel.data.config import ConfigError, option
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips (the torch / transformers convention)
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")

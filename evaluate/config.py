@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from data.config import ConfigError, option
+from safekeel.data.config import ConfigError, option
 
 # Named harmful prompt sets; their hub locations and column layouts are in
 # `evaluate.prompts.PRESETS`.
@@ -217,6 +217,6 @@ class EvaluateConfig:
 
 
 def _validate_nested(instance: object, prefix: str) -> None:
-    from data.config import validate
+    from safekeel.data.config import validate
 
     validate(instance, prefix)

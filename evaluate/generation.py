@@ -51,9 +51,13 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from data.models import ModelNotFoundError, load_causal_lm, load_tokenizer, resolve_model_path
-from evaluate.prompts import PromptSet
+from safekeel.data.models import (
+    ModelNotFoundError,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from safekeel.evaluate.prompts import PromptSet
 
 log = logging.getLogger(__name__)
 

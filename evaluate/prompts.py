@@ -25,10 +25,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from data.corpus import CorpusConfig, CorpusError, content_id, load_examples, resolve_sources
-from data.world import check_answer
-from evaluate.config import AttackConfig, PromptSetConfig, TaskConfig
-from evaluate.utility import ScorerError
+from safekeel.data.corpus import (
+    CorpusConfig,
+    CorpusError,
+    content_id,
+    load_examples,
+    resolve_sources,
+)
+from safekeel.data.world import check_answer
+from safekeel.evaluate.config import AttackConfig, PromptSetConfig, TaskConfig
+from safekeel.evaluate.utility import ScorerError
 
 Message = dict[str, str]
 SetKind = Literal["harmful", "benign", "task"]

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from evaluate.metrics import AttackSuccessRate, RateEstimate
+from safekeel.evaluate.metrics import AttackSuccessRate, RateEstimate
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"

@@ -33,10 +33,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from data.config import config_hash, save_resolved, to_dict, validate
-from evaluate.config import CriticJudgeConfig, EvaluateConfig, TaskConfig
-from evaluate.generation import (
+from safekeel.data.config import config_hash, save_resolved, to_dict, validate
+from safekeel.evaluate.config import CriticJudgeConfig, EvaluateConfig, TaskConfig
+from safekeel.evaluate.generation import (
     GENERATIONS_FILE,
     Checkpoint,
     CheckpointError,
@@ -54,10 +53,10 @@ from evaluate.generation import (
     resolve_dtype,
     write_generations,
 )
-from evaluate.metrics import RateEstimate, attack_success_rate
-from evaluate.prompts import Message, PromptSet, load_prompt_set, load_task
-from evaluate.refusal import ResponseKind, classify_response, resolve_refusal_keywords
-from evaluate.report import (
+from safekeel.evaluate.metrics import RateEstimate, attack_success_rate
+from safekeel.evaluate.prompts import Message, PromptSet, load_prompt_set, load_task
+from safekeel.evaluate.refusal import ResponseKind, classify_response, resolve_refusal_keywords
+from safekeel.evaluate.report import (
     CheckpointResult,
     GenerationInfo,
     HarmfulResult,
@@ -67,7 +66,7 @@ from evaluate.report import (
     TaskResult,
     write_report,
 )
-from evaluate.utility import (
+from safekeel.evaluate.utility import (
     Scorer,
     ScorerError,
     get_scorer,
@@ -471,7 +470,7 @@ def score_loglikelihood_tasks(
     """Mean reference log-likelihood per task, with the transformers model (no generation)."""
     if not tasks:
         return []
-    from data.models import load_causal_lm, load_tokenizer
+    from safekeel.data.models import load_causal_lm, load_tokenizer
 
     results = []
     with loadable_model(checkpoint, out_dir,

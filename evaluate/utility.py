@@ -20,9 +20,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
-
-from evaluate.metrics import RateEstimate
-from evaluate.refusal import DEFAULT_REFUSAL_KEYWORDS, is_refusal, validate_keywords
+from safekeel.evaluate.metrics import RateEstimate
+from safekeel.evaluate.refusal import DEFAULT_REFUSAL_KEYWORDS, is_refusal, validate_keywords
 
 Scorer = Callable[[str, Any], bool | float]
 

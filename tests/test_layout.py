@@ -1,40 +1,112 @@
-"""The user-fixed layout: our top-level `evaluate` package shadows Hugging Face's `evaluate`."""
+"""One name in site-packages: the repo's folders install as subpackages of `safekeel`.
 
+pytest runs from the repo root, so a bare `import data` would still resolve to our folder
+here; these tests look from outside: the built wheel's top level, the installed CLI run
+from another folder with foreign `evaluate` and `data` packages first on the path, and the
+source's own imports.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+STAGE_FOLDERS = ("annotate", "train", "evaluate", "data")
+BARE_NAMES = {*STAGE_FOLDERS, "pipeline"}
 
 
-def test_evaluate_is_ours_and_the_libraries_we_use_import_without_it():
-    import accelerate  # noqa: F401
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    import evaluate
-
-    assert Path(evaluate.__file__).resolve().parent == REPO / "evaluate"
-    assert not hasattr(evaluate, "load")  # HF evaluate's entry point is not what we import
+def project_sources() -> list[Path]:
+    files = [REPO / "pipeline.py", REPO / "__init__.py", REPO / "__main__.py"]
+    for folder in (*STAGE_FOLDERS, "tests", "benchmarks"):
+        files += sorted((REPO / folder).rglob("*.py"))
+    return files
 
 
-def test_console_script_points_at_pipeline_main():
-    import tomllib
+def test_no_module_imports_a_stage_by_its_bare_folder_name():
+    bare = []
+    for path in project_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bare += [f"{path.relative_to(REPO)}:{node.lineno} {name}"
+                     for name in names if name.split(".")[0] in BARE_NAMES]
+    assert not bare, "import through `safekeel.`: " + ", ".join(bare)
 
+
+def test_console_script_points_at_the_namespaced_pipeline():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["name"] == "safekeel"
-    assert project["scripts"]["safekeel"] == "pipeline:main"
+    assert project["scripts"]["safekeel"] == "safekeel.pipeline:main"
     assert set(project["optional-dependencies"]) >= {"cpu", "gpu", "peft", "dev"}
 
 
-def test_installed_console_script_runs():
-    import subprocess
-    import sys
+@pytest.mark.slow
+def test_wheel_has_safekeel_as_its_only_top_level_name(tmp_path):
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("safekeel-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert top_level == {"safekeel"}
+    for module in ("__init__.py", "__main__.py", "pipeline.py", "annotate/run.py",
+                   "train/run.py", "evaluate/run.py", "data/corpus.py"):
+        assert f"safekeel/{module}" in names
+    assert not any(name.startswith("safekeel/tests/") for name in names)
 
-    import pytest
 
+@pytest.fixture
+def foreign_packages(tmp_path) -> Path:
+    """Packages named like our folders, as another distribution (HF `evaluate`) installs them."""
+    root = tmp_path / "foreign"
+    for name in ("evaluate", "data", "train", "annotate"):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(
+            f"raise ImportError('the foreign {name} package was imported')\n")
+    (root / "pipeline.py").write_text("raise ImportError('the foreign pipeline was imported')\n")
+    return root
+
+
+def run_beside(foreign: Path, *command: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(foreign)}
+    return subprocess.run(command, cwd=foreign.parent, env=env, capture_output=True,
+                          text=True, check=False)
+
+
+@pytest.mark.slow
+def test_cli_runs_beside_foreign_evaluate_and_data(foreign_packages):
     script = Path(sys.executable).parent / "safekeel"
     if not script.exists():
         pytest.skip("safekeel is not installed in this environment (pip install -e .)")
-    out = subprocess.run([str(script), "annotate", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    assert "--corpus.path" in out and "--rows_per_shard" in out
+    for command in ([str(script), "evaluate", "--help"],
+                    [sys.executable, "-m", "safekeel", "annotate", "--help"],
+                    [sys.executable, "-m", "safekeel.pipeline", "train", "--help"]):
+        done = run_beside(foreign_packages, *command)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "--" in done.stdout and "foreign" not in done.stderr
+
+
+@pytest.mark.slow
+def test_every_module_imports_beside_foreign_packages(foreign_packages):
+    modules = sorted(
+        "safekeel." + ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for folder in STAGE_FOLDERS for path in (REPO / folder).rglob("*.py")
+        if path.name != "__init__.py")
+    code = ("import importlib\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "print('ours imported')\n"
+            "import evaluate\n")  # the foreign one is still what a bare name finds
+    done = run_beside(foreign_packages, sys.executable, "-c", code)
+    assert done.stdout.strip() == "ours imported", done.stderr[-3000:]
+    assert "the foreign evaluate package was imported" in done.stderr

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-
-import pipeline
-from data.shards import CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, ShardReader
+from safekeel import pipeline
+from safekeel.data.shards import CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, ShardReader
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from data.config import ConfigError, option
-from data.tokenization import TokenizationConfig
+from safekeel.data.config import ConfigError, option
+from safekeel.data.tokenization import TokenizationConfig
 
 METHODS = ("sft", "constant_kl", "filter", "downweight", "adaptive", "adaptive_example",
            "star_dss")
@@ -156,7 +156,7 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
         if self.save_every < 0:
             raise ConfigError(f"save_every: must be >= 0, got {self.save_every}")
-        from train.weights import make_weight_policy
+        from safekeel.train.weights import make_weight_policy
 
         try:  # the weight policy checks its own parameters, naming what is allowed
             make_weight_policy(self.method, **weight_policy_params(self))

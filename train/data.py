@@ -39,9 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from data.shards import (
+from safekeel.data.shards import (
     CRITIC_COLUMN,
     ID_COLUMN,
     MESSAGES_COLUMN,
@@ -51,13 +49,14 @@ from data.shards import (
     RowGroupRef,
     ShardReader,
 )
-from data.tokenization import (
+from safekeel.data.tokenization import (
     IGNORE_INDEX,
     TokenizationConfig,
     TokenizationIssue,
     tokenize_example,
 )
-from train.weights import star_tokens_for_batch
+from safekeel.train.weights import star_tokens_for_batch
+from torch import Tensor
 
 RISK_COLUMNS_READ: tuple[str, ...] = (
     CRITIC_COLUMN,

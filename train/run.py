@@ -62,16 +62,12 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
-
-from data.config import ConfigError, save_resolved, to_dict, validate
-from data.models import load_causal_lm, load_tokenizer
-from data.shards import ShardReader, tokenizer_fingerprint
-from train.config import TrainConfig, weight_policy_params
-from train.data import TrainingBatch, TrainingStream
-from train.objective import (
+from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
+from safekeel.data.models import load_causal_lm, load_tokenizer
+from safekeel.data.shards import ShardReader, tokenizer_fingerprint
+from safekeel.train.config import TrainConfig, weight_policy_params
+from safekeel.train.data import TrainingBatch, TrainingStream
+from safekeel.train.objective import (
     LazyLogits,
     LossParts,
     count_step_tokens,
@@ -79,7 +75,10 @@ from train.objective import (
     normalise,
     token_objective,
 )
-from train.weights import TokenWeights, WeightPolicy, make_weight_policy, needs_reference
+from safekeel.train.weights import TokenWeights, WeightPolicy, make_weight_policy, needs_reference
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 
 LOG_NAME = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"

@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from annotate.activations import (
+from safekeel.annotate.activations import (
     WORKER_EXTENSION,
     ActivationError,
     ActivationSpec,
@@ -24,7 +23,7 @@ from annotate.activations import (
     prompt_token_ids,
     vllm_engine_kwargs,
 )
-from data.tiny_models import build_tiny_llama, save_tiny_model
+from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
 
 NUM_LAYERS = 3
 TEXTS = [

@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
-from annotate.activations import (
+from safekeel.annotate.activations import (
     ActivationSpec,
     ModelFingerprint,
     TransformersActivationExtractor,
 )
-from annotate.probe import (
+from safekeel.annotate.probe import (
     META_FILE,
     WEIGHTS_FILE,
     ProbeError,
@@ -35,7 +33,8 @@ from annotate.probe import (
     stratified_split,
     threshold_for_recall,
 )
-from data.tiny_models import build_tiny_llama
+from safekeel.data.tiny_models import build_tiny_llama
+from safetensors import safe_open
 
 FINGERPRINT = ModelFingerprint(
     name="tiny", model_type="llama", hidden_size=8, num_layers=4, vocab_size=100,
@@ -373,7 +372,7 @@ def _advbench_goals(shared: Path) -> set[str]:
 @pytest.mark.slow
 def test_smollm2_middle_layer_probe_separates_harmful_from_harmless(shared_data, tmp_path):
     """Done criterion: AUROC >= 0.9 on a held-out split where the signal exists."""
-    from data.models import MissingPackageError, load_causal_lm, load_tokenizer
+    from safekeel.data.models import MissingPackageError, load_causal_lm, load_tokenizer
 
     try:
         tokenizer = load_tokenizer("smollm2-135m-instruct")

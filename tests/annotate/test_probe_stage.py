@@ -5,16 +5,15 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
-import pipeline
-from annotate.activations import ActivationSpec, TransformersActivationExtractor
-from annotate.config import AnnotateConfig
-from annotate.probe import ProbeError, load_probe
-from annotate.run import annotate
-from data.config import from_dict
-from data.shards import PROBE_COLUMN, ShardReader, file_sha256
-from data.tiny_models import save_tiny_model
-from data.world import make_world
+from safekeel import pipeline
+from safekeel.annotate.activations import ActivationSpec, TransformersActivationExtractor
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.annotate.probe import ProbeError, load_probe
+from safekeel.annotate.run import annotate
+from safekeel.data.config import from_dict
+from safekeel.data.shards import PROBE_COLUMN, ShardReader, file_sha256
+from safekeel.data.tiny_models import save_tiny_model
+from safekeel.data.world import make_world
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ import json
 
 import polars as pl
 import pytest
-
-import annotate.run as run_module
-from annotate.config import AnnotateConfig
-from data.config import from_dict
-from data.shards import PROBE_COLUMN, ShardReader
-from data.tiny_models import save_tiny_model
+import safekeel.annotate.run as run_module
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.data.config import from_dict
+from safekeel.data.shards import PROBE_COLUMN, ShardReader
+from safekeel.data.tiny_models import save_tiny_model
 
 
 class HashScorer:
@@ -131,8 +130,8 @@ GENERIC_GUARD = {
 
 def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny_guard_dir,
                                                    tmp_path):
-    from data.critic import CriticSettings, make_critic
-    from data.shards import CRITIC_COLUMN, STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+    from safekeel.data.critic import CriticSettings, make_critic
+    from safekeel.data.shards import CRITIC_COLUMN, STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 
     out = tmp_path / "out"
     critic_cfg = {"model": str(tiny_guard_dir), **GENERIC_GUARD}
@@ -154,7 +153,7 @@ def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny
 
 
 def test_star_needs_a_critic(corpus_path, policy_dir, tmp_path):
-    from data.config import ConfigError
+    from safekeel.data.config import ConfigError
 
     with pytest.raises(ConfigError, match="star.enabled: STAR scores prefixes with the critic"):
         config(corpus_path, policy_dir, tmp_path, star={"enabled": True})
@@ -162,9 +161,9 @@ def test_star_needs_a_critic(corpus_path, policy_dir, tmp_path):
 
 _KILLABLE_RUN = """
 import sys, yaml
-from annotate.config import AnnotateConfig
-from annotate.run import annotate
-from data.config import from_dict
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.annotate.run import annotate
+from safekeel.data.config import from_dict
 annotate(from_dict(AnnotateConfig, yaml.safe_load(open(sys.argv[1]))))
 """
 
@@ -179,8 +178,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(policy_dir, tiny_guard_d
     import time
 
     import yaml
-
-    from data.shards import MANIFEST_NAME
+    from safekeel.data.shards import MANIFEST_NAME
 
     rows = [{"prompt": f"question number {i}", "response": f"answer {i} " * (1 + i % 7)}
             for i in range(400)]
@@ -235,7 +233,7 @@ def test_vllm_backend_gives_the_transformers_scores(corpus_path, policy_dir, tin
     import yaml
 
     pytest.importorskip("vllm")
-    from data.shards import CRITIC_COLUMN, STAR_VALUES_COLUMN
+    from safekeel.data.shards import CRITIC_COLUMN, STAR_VALUES_COLUMN
 
     outputs = {}
     for backend in ("transformers", "vllm"):

@@ -4,11 +4,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from annotate.star import StarAnnotator, segment_ends
-from data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
-from data.tiny_models import build_tokenizer
-from data.tokenization import prompt_and_response_ids
+from safekeel.annotate.star import StarAnnotator, segment_ends
+from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+from safekeel.data.tiny_models import build_tokenizer
+from safekeel.data.tokenization import prompt_and_response_ids
 
 
 class KeywordGuard:

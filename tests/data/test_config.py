@@ -2,12 +2,11 @@
 
 import pytest
 import yaml
-
-import pipeline
-from annotate.config import AnnotateConfig
-from data.config import ConfigError, config_hash, from_dict, load_config, save_resolved
-from evaluate.config import EvaluateConfig
-from train.config import TrainConfig
+from safekeel import pipeline
+from safekeel.annotate.config import AnnotateConfig
+from safekeel.data.config import ConfigError, config_hash, from_dict, load_config, save_resolved
+from safekeel.evaluate.config import EvaluateConfig
+from safekeel.train.config import TrainConfig
 
 
 def test_defaults_validate_for_every_stage():
@@ -89,7 +88,7 @@ def test_cli_errors_exit_2_with_message(capsys):
 
 
 def test_help_documents_every_option(capsys):
-    from data.config import leaf_fields
+    from safekeel.data.config import leaf_fields
 
     for name, verb in pipeline.VERBS.items():
         with pytest.raises(SystemExit):

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from data.config import from_dict
-from data.corpus import (
+from safekeel.data.config import from_dict
+from safekeel.data.corpus import (
     CorpusConfig,
     CorpusError,
     LoadReport,

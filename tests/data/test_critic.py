@@ -11,12 +11,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+import safekeel.data.critic as critic_module
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-import data.critic as critic_module
-from data.critic import (
+from safekeel.data.critic import (
     BACKEND_AGREEMENT_ATOL,
     TRUNCATION_MARKER,
     CriticError,
@@ -27,13 +24,15 @@ from data.critic import (
     make_critic,
     vllm_engine_kwargs,
 )
-from data.guard_templates import (
+from safekeel.data.guard_templates import (
     GuardTemplateError,
     get_guard_template,
     guard_prompt_ids,
     resolve_label_tokens,
 )
-from data.shards import CRITIC_COLUMN, Provenance
+from safekeel.data.shards import CRITIC_COLUMN, Provenance
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 # Labels right after the response: a random model's verdict then depends on each row's own
 # last tokens, so the scores differ from row to row.

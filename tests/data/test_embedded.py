@@ -8,9 +8,7 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from data.embedded import (
+from safekeel.data.embedded import (
     GUARD_TEMPLATE_OPTIONS,
     METRICS_NAME,
     EmbeddedSettings,
@@ -21,10 +19,11 @@ from data.embedded import (
     harmful_start_token,
     prepare_embedded_default,
 )
-from data.guard_templates import get_guard_template, guard_prompt_ids, resolve_label_tokens
-from data.tiny_models import WORD_LEVEL_PATTERN, build_tiny_llama, build_word_tokenizer
-from data.tokenization import prompt_and_response_ids
-from data.world import WORD_PATTERN, make_world, tokenize_words
+from safekeel.data.guard_templates import get_guard_template, guard_prompt_ids, resolve_label_tokens
+from safekeel.data.tiny_models import WORD_LEVEL_PATTERN, build_tiny_llama, build_word_tokenizer
+from safekeel.data.tokenization import prompt_and_response_ids
+from safekeel.data.world import WORD_PATTERN, make_world, tokenize_words
+from safetensors.torch import load_file
 
 SMALL_WORLD = {
     "alignment_size": 200, "guard_size": 200, "guard_eval_size": 60, "finetune_size": 10,
@@ -123,7 +122,7 @@ def test_critic_prefills_exactly_the_guard_training_prompt(world, tokenizer):
 
 def test_critic_score_is_the_label_softmax_after_the_training_prompt(world, tokenizer, tmp_path):
     """End to end through the critic: P(unsafe) from a plain forward on the trainer's ids."""
-    from data.critic import CriticSettings, TransformersCritic
+    from safekeel.data.critic import CriticSettings, TransformersCritic
 
     model = build_tiny_llama(tokenizer, hidden_size=64, num_heads=2, max_position_embeddings=128,
                              seed=5)

@@ -6,10 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-from data.guard_templates import (
+from safekeel.data.guard_templates import (
     GUARD_TEMPLATE_NAMES,
     GenericGuardTemplate,
     GraniteGuardianTemplate,
@@ -24,6 +21,8 @@ from data.guard_templates import (
     resolve_label_tokens,
     select_turns,
 )
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "llama_guard"
 

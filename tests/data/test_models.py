@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-from data import models
-from data.models import (
+from safekeel.data import models
+from safekeel.data.models import (
     SMOLLM2_ALIAS,
     MissingPackageError,
     ModelNotFoundError,
@@ -25,12 +22,14 @@ from data.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from data.tiny_models import (
+from safekeel.data.tiny_models import (
     CHATML_GENERATION_TEMPLATE,
     CHATML_TEMPLATE,
     build_tiny_llama,
     build_tokenizer,
 )
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 7 times 8?"},

@@ -15,8 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from data.shards import (
+from safekeel.data.shards import (
     CRITIC_COLUMN,
     MANIFEST_NAME,
     MESSAGE_TYPE,
@@ -266,7 +265,7 @@ import importlib.util, os, sys
 spec = importlib.util.spec_from_file_location("shard_test_rows", sys.argv[2])
 rows = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rows)
-from data.shards import Manifest, ShardWriter, plan_shards, shard_schema
+from safekeel.data.shards import Manifest, ShardWriter, plan_shards, shard_schema
 
 out = sys.argv[1]
 provenance = rows.make_provenance()

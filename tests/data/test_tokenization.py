@@ -1,10 +1,9 @@
 """Response masks: labels on the final assistant turn only, for every row, under both methods."""
 
 import pytest
-
-from data.config import from_dict
-from data.tiny_models import build_tokenizer
-from data.tokenization import (
+from safekeel.data.config import from_dict
+from safekeel.data.tiny_models import build_tokenizer
+from safekeel.data.tokenization import (
     IGNORE_INDEX,
     TokenizationConfig,
     TokenizationIssue,
@@ -104,8 +103,8 @@ def test_generation_template_without_assistant_mark_gives_no_response(tokenizers
 @pytest.mark.parametrize("method", ["prefix", "generation"])
 def test_mask_of_every_row_of_a_corpus(tmp_path, tokenizers, method):
     """Every row of a loaded corpus: labels are exactly its final response, never empty."""
-    from data.corpus import CorpusConfig, load_examples
-    from data.world import make_world, write_jsonl
+    from safekeel.data.corpus import CorpusConfig, load_examples
+    from safekeel.data.world import make_world, write_jsonl
 
     path = write_jsonl(make_world(0, alignment_size=200).alignment_train, tmp_path / "w.jsonl")
     tokenizer = tokenizers[method]

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from data.world import (
+from safekeel.data.world import (
     ADD_MAX,
     HARMFUL_TOPICS,
     NEGATIVE_WORDS,

@@ -5,9 +5,8 @@ import shutil
 
 import pytest
 import torch
-
-from data.tiny_models import build_tiny_llama, save_tiny_model
-from evaluate.generation import (
+from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
+from safekeel.evaluate.generation import (
     Checkpoint,
     CheckpointError,
     Generation,
@@ -26,7 +25,7 @@ from evaluate.generation import (
     resolve_checkpoint,
     write_generations,
 )
-from evaluate.prompts import EvalPrompt, PromptSet
+from safekeel.evaluate.prompts import EvalPrompt, PromptSet
 
 # Tiny models run fastest on one thread; two contend badly when the machine is busy.
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -84,7 +83,7 @@ def test_hf_dir_identity_follows_weights_and_tokenizer(tmp_path, tiny_model_dir)
 
 
 def _tokenizer(directory):
-    from data.models import load_tokenizer
+    from safekeel.data.models import load_tokenizer
 
     return load_tokenizer(directory)
 
@@ -123,7 +122,7 @@ def test_training_log_next_to_or_above_the_checkpoint(tmp_path, tiny_model_dir):
 def lora_adapter_dir(tmp_path_factory, tiny_model_dir):
     """A LoRA adapter on the tiny model, with random (non-zero) B so it changes outputs."""
     peft = pytest.importorskip("peft")
-    from data.models import load_causal_lm
+    from safekeel.data.models import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -138,8 +137,7 @@ def lora_adapter_dir(tmp_path_factory, tiny_model_dir):
 
 def test_lora_adapter_is_merged_into_its_base(tmp_path, lora_adapter_dir, tiny_model_dir):
     import peft
-
-    from data.models import load_causal_lm
+    from safekeel.data.models import load_causal_lm
 
     checkpoint = resolve_checkpoint(str(lora_adapter_dir))
     assert checkpoint.kind == "lora_adapter" and checkpoint.base_model == str(tiny_model_dir)

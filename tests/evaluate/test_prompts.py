@@ -5,10 +5,9 @@ import json
 import typing
 
 import pytest
-
-from data.world import make_world, write_jsonl
-from evaluate.config import AttackConfig, PresetName, PromptSetConfig, TaskConfig
-from evaluate.prompts import (
+from safekeel.data.world import make_world, write_jsonl
+from safekeel.evaluate.config import AttackConfig, PresetName, PromptSetConfig, TaskConfig
+from safekeel.evaluate.prompts import (
     CONTEXT_SEPARATOR,
     HEX_PHI_CATEGORIES,
     PRESETS,
@@ -18,7 +17,7 @@ from evaluate.prompts import (
     load_task,
     world_task_scorer,
 )
-from evaluate.utility import ScorerError, get_scorer
+from safekeel.evaluate.utility import ScorerError, get_scorer
 
 
 def _csv_rows(path):
@@ -249,8 +248,8 @@ def test_world_tasks_with_the_row_as_reference(tmp_path):
     examples = make_world(0).eval_tasks[:8]
     path = write_jsonl(examples, tmp_path / "tasks.jsonl")
     task = load_task(TaskConfig(path=str(path), reference="row",
-                                scorer="evaluate.prompts:world_task_scorer"))
-    scorer = get_scorer("evaluate.prompts:world_task_scorer")
+                                scorer="safekeel.evaluate.prompts:world_task_scorer"))
+    scorer = get_scorer("safekeel.evaluate.prompts:world_task_scorer")
     for prompt, example in zip(task.prompts, examples, strict=True):
         assert prompt.reference["task"] == example["task"]
         assert prompt.reference["answer"] == example["answer"]

@@ -4,8 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from evaluate.refusal import (
+from safekeel.evaluate.refusal import (
     DEFAULT_REFUSAL_KEYWORDS,
     GCG_REFUSAL_KEYWORDS,
     JAILBREAKBENCH_REFUSAL_KEYWORDS,

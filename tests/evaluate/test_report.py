@@ -4,9 +4,8 @@ import json
 import math
 
 import pytest
-
-from evaluate.metrics import RateEstimate, attack_success_rate
-from evaluate.report import (
+from safekeel.evaluate.metrics import RateEstimate, attack_success_rate
+from safekeel.evaluate.report import (
     CheckpointResult,
     GenerationInfo,
     HarmfulResult,

@@ -7,16 +7,15 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-import pipeline
-from data.config import from_dict
-from data.world import make_world, write_jsonl
-from evaluate.config import EvaluateConfig
-from evaluate.generation import CheckpointError, SetGenerations
-from evaluate.metrics import RateEstimate
-from evaluate.prompts import EvalPrompt, PromptSet, PromptSetError
-from evaluate.refusal import is_jailbroken
-from evaluate.run import (
+from safekeel import pipeline
+from safekeel.data.config import from_dict
+from safekeel.data.world import make_world, write_jsonl
+from safekeel.evaluate.config import EvaluateConfig
+from safekeel.evaluate.generation import CheckpointError, SetGenerations
+from safekeel.evaluate.metrics import RateEstimate
+from safekeel.evaluate.prompts import EvalPrompt, PromptSet, PromptSetError
+from safekeel.evaluate.refusal import is_jailbroken
+from safekeel.evaluate.run import (
     CriticJudge,
     CriticVerdict,
     EvaluateError,
@@ -152,7 +151,7 @@ def world_files(tmp_path_factory):
 def two_checkpoints(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
     """The tiny model at <run>/final with a training log beside it, and a LoRA adapter on it."""
     peft = pytest.importorskip("peft")
-    from data.models import load_causal_lm
+    from safekeel.data.models import load_causal_lm
 
     root = tmp_path_factory.mktemp("runs")
     final = shutil.copytree(tiny_model_dir, root / "sft" / "final")
@@ -174,7 +173,7 @@ def _config(world_files, checkpoints, out, **overrides):
                             "name": "world_harmful"},
         "benign_prompts": {"path": str(world_files["benign"]), "name": "world_benign"},
         "tasks": [{"path": str(world_files["tasks"]), "name": "world_tasks", "reference": "row",
-                   "scorer": "evaluate.prompts:world_task_scorer"},
+                   "scorer": "safekeel.evaluate.prompts:world_task_scorer"},
                   {"path": str(world_files["tasks"]), "name": "world_answer_ll",
                    "scorer": "loglikelihood", "max_rows": 4}],
         "output_dir": str(out),
@@ -246,7 +245,7 @@ def test_evaluate_end_to_end_and_cached_rerun(tmp_path, world_files, two_checkpo
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached run must not build a generator")
 
-    monkeypatch.setattr("evaluate.run.make_generator", no_generation)
+    monkeypatch.setattr("safekeel.evaluate.run.make_generator", no_generation)
     cfg = _config(world_files, two_checkpoints, out, critic={"threshold": 0.0})
     second = evaluate(cfg, critic_factory=_critic_factory)
     assert "generating:" not in capsys.readouterr().out
@@ -283,7 +282,7 @@ def test_bad_input_fails_before_any_model_runs(tmp_path, world_files, tiny_model
     def no_generation(*args, **kwargs):
         raise AssertionError("bad input must fail before generation")
 
-    monkeypatch.setattr("evaluate.run.make_generator", no_generation)
+    monkeypatch.setattr("safekeel.evaluate.run.make_generator", no_generation)
     good = [str(tiny_model_dir)]
     with pytest.raises(EvaluateError, match="checkpoints: nothing to evaluate"):
         evaluate(_config(world_files, [], tmp_path))
@@ -359,7 +358,7 @@ def test_vllm_backend_gives_the_transformers_report(tmp_path, world_files, two_c
 @pytest.mark.slow
 def test_smollm2_through_the_transformers_backend(tmp_path, shared_data):
     pytest.importorskip("gguf")
-    from data.models import MissingPackageError, ensure_smollm2_checkpoint
+    from safekeel.data.models import MissingPackageError, ensure_smollm2_checkpoint
 
     try:
         ensure_smollm2_checkpoint()

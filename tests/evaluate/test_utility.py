@@ -7,18 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
-
-from evaluate.metrics import RateEstimate
-from evaluate.refusal import GCG_REFUSAL_KEYWORDS
-from evaluate.utility import (
+from safekeel.evaluate.metrics import RateEstimate
+from safekeel.evaluate.refusal import GCG_REFUSAL_KEYWORDS
+from safekeel.evaluate.utility import (
     AG_NEWS_LABELS,
     SST2_LABELS,
     ScorerError,
@@ -32,6 +23,14 @@ from evaluate.utility import (
     over_refusal_rate,
     score_all,
     stated_label,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -174,8 +173,8 @@ def test_user_scorer_from_module_and_function(tmp_path, monkeypatch):
     ("spec", "message"),
     [
         ("no_such_module_xyz:score", "cannot import module"),
-        ("evaluate.utility:no_such_function", "has no attribute"),
-        ("evaluate.utility:SST2_LABELS", "not callable"),
+        ("safekeel.evaluate.utility:no_such_function", "has no attribute"),
+        ("safekeel.evaluate.utility:SST2_LABELS", "not callable"),
         (":score", "package.module:function"),
     ],
 )

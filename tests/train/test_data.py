@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from data.shards import (
+from safekeel.data.shards import (
     CRITIC_COLUMN,
     MANIFEST_NAME,
     PROBE_COLUMN,
@@ -20,8 +19,8 @@ from data.shards import (
     shard_schema,
     tokenizer_fingerprint,
 )
-from data.tokenization import IGNORE_INDEX, TokenizationConfig, tokenize_example
-from train.data import TrainingExample, TrainingStream, collate, shuffle_buffer
+from safekeel.data.tokenization import IGNORE_INDEX, TokenizationConfig, tokenize_example
+from safekeel.train.data import TrainingExample, TrainingStream, collate, shuffle_buffer
 
 ALL_RISK = (CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, STAR_ENDS_COLUMN)
 

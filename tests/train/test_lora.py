@@ -1,17 +1,17 @@
 """LoRA: the adapter-disabled reference is the base model, only the adapter trains, merging."""
 
 import pytest
+import safekeel.train.run as run_module
 import torch
+from safekeel.data.config import ConfigError, from_dict
+from safekeel.data.tokenization import IGNORE_INDEX
+from safekeel.train.config import METHODS, TrainConfig
+from safekeel.train.data import TrainingExample, collate
+from safekeel.train.run import AdapterDisabledReference, apply_lora, train
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import train.run as run_module
-from data.config import ConfigError, from_dict
-from data.tokenization import IGNORE_INDEX
 from tests.train.test_run import make_config, read_log, weights_of
-from train.config import METHODS, TrainConfig
-from train.data import TrainingExample, collate
-from train.run import AdapterDisabledReference, apply_lora, train
 
 pytest.importorskip("peft")
 
@@ -25,7 +25,8 @@ def lora_config(model_dir, shards_dir, out, **kw):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_tokenizer):
-    from data.shards import tokenizer_fingerprint
+    from safekeel.data.shards import tokenizer_fingerprint
+
     from tests.train.test_run import write_shards
 
     return write_shards(tmp_path_factory.mktemp("shards"), 8, tokenizer_fingerprint(tiny_tokenizer))

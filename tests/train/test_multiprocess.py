@@ -1,7 +1,7 @@
 """Two real CPU processes (gloo): one model on both ranks, every row trained on exactly once.
 Also: the example accelerate configs for GPU users are ones accelerate accepts.
 
-The run goes through the user's entry point (`pipeline.py train`) under a launcher, with
+The run goes through the user's entry point (`-m safekeel.pipeline train`) under a launcher, with
 `record_ranks` on: each process writes the example ids it trained on and a checksum of its
 final parameters. `accelerate launch --cpu --num_processes 2` would silently run a single
 process (DESIGN.md, section 5), so the world size each process saw is checked too.
@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from safekeel.data.shards import tokenizer_fingerprint
+from safekeel.train.run import parameter_checksum
 from transformers import AutoModelForCausalLM
 
-from data.shards import tokenizer_fingerprint
 from tests.train.test_run import write_shards
-from train.run import parameter_checksum
 
 REPO = Path(__file__).resolve().parents[2]
 N_ROWS = 11  # odd: the two ranks get different row counts, one ends with a short batch
@@ -34,11 +34,13 @@ LAUNCHERS = {
 }
 
 
-def launch(launcher: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def launch(launcher: str, args: list[str], cwd: Path,
+           timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}
-    command = [*LAUNCHERS[launcher], str(REPO / "pipeline.py"), "train", *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+    # The installed package, run as a module (as the README shows), from outside the repo.
+    command = [*LAUNCHERS[launcher], "-m", "safekeel.pipeline", "train", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
     assert done.returncode == 0, (
         f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -57,7 +59,7 @@ def test_two_processes_agree_and_see_every_row_once(launcher, lora, tiny_model_d
         "--method", "adaptive", "--epochs", str(EPOCHS), "--per_device_batch_size", "2",
         "--learning_rate", "1e-2", "--tokenization.max_length", "64", "--save_every", "0",
         "--progress_bar", "false", "--record_ranks", "true", "--lora.enabled", str(lora).lower(),
-    ])
+    ], cwd=tmp_path)
 
     summaries = [json.loads((out / "ranks" / f"rank-{r}" / "summary.json").read_text())
                  for r in (0, 1)]

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from train.objective import (
+from safekeel.train.objective import (
     KL_ESTIMATORS,
     LazyLogits,
     ObjectiveInputError,
@@ -30,7 +29,7 @@ from train.objective import (
     token_kl,
     token_objective,
 )
-from train.weights import expand_star_to_tokens, make_weight_policy, needs_reference
+from safekeel.train.weights import expand_star_to_tokens, make_weight_policy, needs_reference
 
 REPO = Path(__file__).resolve().parents[2]
 B, T, H, V = 3, 7, 6, 13
@@ -563,7 +562,7 @@ _DDP_SCRIPT = textwrap.dedent(
     import json, sys
     import torch, torch.distributed as dist, torch.multiprocessing as mp
     import torch.nn.functional as F
-    from train.objective import count_step_tokens, masked_logits, normalise, token_objective
+    from safekeel.train.objective import count_step_tokens, masked_logits, normalise, token_objective
 
     WORLD = 2
 

@@ -4,12 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+import safekeel.train.run as run_module
 import torch
-from safetensors.torch import load_file
-
-import train.run as run_module
-from data.config import ConfigError, from_dict
-from data.shards import (
+from safekeel.data.config import ConfigError, from_dict
+from safekeel.data.shards import (
     CRITIC_COLUMN,
     MANIFEST_NAME,
     PROBE_COLUMN,
@@ -23,9 +21,10 @@ from data.shards import (
     shard_schema,
     tokenizer_fingerprint,
 )
-from train.config import METHODS, TrainConfig
-from train.objective import LossParts
-from train.run import LoopSettings, NonFiniteLossError, train
+from safekeel.train.config import METHODS, TrainConfig
+from safekeel.train.objective import LossParts
+from safekeel.train.run import LoopSettings, NonFiniteLossError, train
+from safetensors.torch import load_file
 
 ALL_RISK = (CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, STAR_ENDS_COLUMN)
 
@@ -282,8 +281,7 @@ def test_nan_loss_stops_with_step_and_ids_and_keeps_checkpoint(
 
 def test_loop_options_are_command_line_options(capsys):
     import yaml
-
-    import pipeline
+    from safekeel import pipeline
 
     assert pipeline.main(["train", "--warmup_ratio", "0.25", "--save_every", "7",
                           "--lora.enabled", "true", "--lora.r", "4", "--report_to",
@@ -430,9 +428,9 @@ def test_fp16_without_gpu_is_refused():
 
 
 def test_risk_options_reach_the_weight_policy():
-    from data.config import ConfigError, from_dict
-    from train.config import TrainConfig, weight_policy_params
-    from train.weights import LinearSchedule, make_weight_policy
+    from safekeel.data.config import ConfigError, from_dict
+    from safekeel.train.config import TrainConfig, weight_policy_params
+    from safekeel.train.weights import LinearSchedule, make_weight_policy
 
     cfg = from_dict(TrainConfig, {"method": "adaptive", "risk": {
         "signal": "max", "aggregate": "max", "schedule": "linear",

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from train.weights import (
+from safekeel.train.weights import (
     AdaptiveBatchPolicy,
     LinearSchedule,
     PaperSchedule,

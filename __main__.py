@@ -1,0 +1,6 @@
+"""`python -m safekeel ...` is the `safekeel` console script."""
+
+from safekeel.pipeline import main
+
+if __name__ == "__main__":
+    main()
