@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"safekeel {args.verb}: config error: {err}\n")
     if args.print_config:
         import yaml
+
         from safekeel.data.config import to_dict
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -31,10 +31,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
 
 ProbeKind = Literal["logreg", "mlp"]
 PROBE_KINDS: tuple[str, ...] = ("logreg", "mlp")

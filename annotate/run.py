@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
+from tqdm.auto import tqdm
+
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import config_hash, save_resolved
 from safekeel.data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
@@ -37,7 +39,6 @@ from safekeel.data.shards import (
     tokenizer_fingerprint,
 )
 from safekeel.data.tokenization import TokenizationIssue, tokenize_example
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch
+
 from safekeel.data.critic import CriticSettings, TransformersCritic, VLLMCritic
 
 GENERATE_LENGTHS = (4, 8)  # new tokens: a label word; a full Llama Guard 3 verdict

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from safekeel.data.config import ConfigError, option
 
 log = logging.getLogger(__name__)

@@ -67,6 +67,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from safekeel.data.config import option
 from safekeel.data.guard_templates import (
     MODES,
@@ -80,7 +82,6 @@ from safekeel.data.guard_templates import (
 )
 from safekeel.data.shards import CRITIC_COLUMN
 from safekeel.data.vllm_env import prepare_cpu_engine_environment
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

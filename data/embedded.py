@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 from safekeel.data.tiny_models import build_tiny_llama, build_word_tokenizer, save_tiny_model
 from safekeel.data.world import (

@@ -51,6 +51,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
 from safekeel.data.models import (
     ModelNotFoundError,
     load_causal_lm,

@@ -33,6 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from safekeel.data.config import config_hash, save_resolved, to_dict, validate
 from safekeel.evaluate.config import CriticJudgeConfig, EvaluateConfig, TaskConfig
 from safekeel.evaluate.generation import (

@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
+
 from safekeel.evaluate.metrics import RateEstimate
 from safekeel.evaluate.refusal import DEFAULT_REFUSAL_KEYWORDS, is_refusal, validate_keywords
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

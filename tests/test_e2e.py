@@ -11,6 +11,7 @@ embedded default shows"): each bound sits well outside the spread seen there.
 import json
 
 import pytest
+
 from safekeel import pipeline
 
 KEYWORD_ASR = "eval/asr/world_harmful/keyword"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from safekeel import pipeline
 from safekeel.data.shards import CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, ShardReader
 

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from safekeel.data.shards import (
     CRITIC_COLUMN,
     ID_COLUMN,
@@ -56,7 +58,6 @@ from safekeel.data.tokenization import (
     tokenize_example,
 )
 from safekeel.train.weights import star_tokens_for_batch
-from torch import Tensor
 
 RISK_COLUMNS_READ: tuple[str, ...] = (
     CRITIC_COLUMN,

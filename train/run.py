@@ -62,6 +62,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.models import load_causal_lm, load_tokenizer
 from safekeel.data.shards import ShardReader, tokenizer_fingerprint
@@ -76,9 +80,6 @@ from safekeel.train.objective import (
     token_objective,
 )
 from safekeel.train.weights import TokenWeights, WeightPolicy, make_weight_policy, needs_reference
-from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 LOG_NAME = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from safekeel.annotate.activations import (
     WORKER_EXTENSION,
     ActivationError,

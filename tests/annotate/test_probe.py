@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+
 from safekeel.annotate.activations import (
     ActivationSpec,
     ModelFingerprint,
@@ -34,7 +36,6 @@ from safekeel.annotate.probe import (
     threshold_for_recall,
 )
 from safekeel.data.tiny_models import build_tiny_llama
-from safetensors import safe_open
 
 FINGERPRINT = ModelFingerprint(
     name="tiny", model_type="llama", hidden_size=8, num_layers=4, vocab_size=100,

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+
 from safekeel import pipeline
 from safekeel.annotate.activations import ActivationSpec, TransformersActivationExtractor
 from safekeel.annotate.config import AnnotateConfig

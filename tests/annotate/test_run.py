@@ -5,6 +5,7 @@ import json
 
 import polars as pl
 import pytest
+
 import safekeel.annotate.run as run_module
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import from_dict
@@ -178,6 +179,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(policy_dir, tiny_guard_d
     import time
 
     import yaml
+
     from safekeel.data.shards import MANIFEST_NAME
 
     rows = [{"prompt": f"question number {i}", "response": f"answer {i} " * (1 + i % 7)}

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from safekeel.annotate.star import StarAnnotator, segment_ends
 from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 from safekeel.data.tiny_models import build_tokenizer

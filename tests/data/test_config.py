@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+
 from safekeel import pipeline
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import ConfigError, config_hash, from_dict, load_config, save_resolved

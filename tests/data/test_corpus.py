@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from safekeel.data.config import from_dict
 from safekeel.data.corpus import (
     CorpusConfig,

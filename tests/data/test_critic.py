@@ -11,8 +11,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-import safekeel.data.critic as critic_module
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import safekeel.data.critic as critic_module
 from safekeel.data.critic import (
     BACKEND_AGREEMENT_ATOL,
     TRUNCATION_MARKER,
@@ -31,8 +34,6 @@ from safekeel.data.guard_templates import (
     resolve_label_tokens,
 )
 from safekeel.data.shards import CRITIC_COLUMN, Provenance
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 # Labels right after the response: a random model's verdict then depends on each row's own
 # last tokens, so the scores differ from row to row.

@@ -8,6 +8,8 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from safekeel.data.embedded import (
     GUARD_TEMPLATE_OPTIONS,
     METRICS_NAME,
@@ -23,7 +25,6 @@ from safekeel.data.guard_templates import get_guard_template, guard_prompt_ids, 
 from safekeel.data.tiny_models import WORD_LEVEL_PATTERN, build_tiny_llama, build_word_tokenizer
 from safekeel.data.tokenization import prompt_and_response_ids
 from safekeel.data.world import WORD_PATTERN, make_world, tokenize_words
-from safetensors.torch import load_file
 
 SMALL_WORLD = {
     "alignment_size": 200, "guard_size": 200, "guard_eval_size": 60, "finetune_size": 10,

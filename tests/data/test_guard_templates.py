@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from safekeel.data.guard_templates import (
     GUARD_TEMPLATE_NAMES,
     GenericGuardTemplate,
@@ -21,8 +24,6 @@ from safekeel.data.guard_templates import (
     resolve_label_tokens,
     select_turns,
 )
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "llama_guard"
 

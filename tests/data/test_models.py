@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
 from safekeel.data import models
 from safekeel.data.models import (
     SMOLLM2_ALIAS,
@@ -28,8 +31,6 @@ from safekeel.data.tiny_models import (
     build_tiny_llama,
     build_tokenizer,
 )
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 7 times 8?"},

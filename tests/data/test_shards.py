@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from safekeel.data.shards import (
     CRITIC_COLUMN,
     MANIFEST_NAME,

@@ -1,6 +1,7 @@
 """Response masks: labels on the final assistant turn only, for every row, under both methods."""
 
 import pytest
+
 from safekeel.data.config import from_dict
 from safekeel.data.tiny_models import build_tokenizer
 from safekeel.data.tokenization import (

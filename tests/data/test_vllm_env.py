@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from safekeel.data.vllm_env import prepare_cpu_engine_environment
 
 KEYS = ("OMP_NUM_THREADS", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")

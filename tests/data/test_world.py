@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from safekeel.data.world import (
     ADD_MAX,
     HARMFUL_TOPICS,

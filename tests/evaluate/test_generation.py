@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+
 from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
 from safekeel.evaluate.generation import (
     Checkpoint,
@@ -137,6 +138,7 @@ def lora_adapter_dir(tmp_path_factory, tiny_model_dir):
 
 def test_lora_adapter_is_merged_into_its_base(tmp_path, lora_adapter_dir, tiny_model_dir):
     import peft
+
     from safekeel.data.models import load_causal_lm
 
     checkpoint = resolve_checkpoint(str(lora_adapter_dir))

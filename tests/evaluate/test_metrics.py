@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+
 from safekeel.evaluate.metrics import RateEstimate, attack_success_rate, wilson_interval
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal

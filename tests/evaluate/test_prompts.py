@@ -5,6 +5,7 @@ import json
 import typing
 
 import pytest
+
 from safekeel.data.world import make_world, write_jsonl
 from safekeel.evaluate.config import AttackConfig, PresetName, PromptSetConfig, TaskConfig
 from safekeel.evaluate.prompts import (

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from safekeel.evaluate.refusal import (
     DEFAULT_REFUSAL_KEYWORDS,
     GCG_REFUSAL_KEYWORDS,

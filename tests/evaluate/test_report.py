@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+
 from safekeel.evaluate.metrics import RateEstimate, attack_success_rate
 from safekeel.evaluate.report import (
     CheckpointResult,

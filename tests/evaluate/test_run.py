@@ -7,6 +7,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from safekeel import pipeline
 from safekeel.data.config import from_dict
 from safekeel.data.world import make_world, write_jsonl

@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
 from safekeel.evaluate.metrics import RateEstimate
 from safekeel.evaluate.refusal import GCG_REFUSAL_KEYWORDS
 from safekeel.evaluate.utility import (
@@ -23,14 +32,6 @@ from safekeel.evaluate.utility import (
     over_refusal_rate,
     score_all,
     stated_label,
-)
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

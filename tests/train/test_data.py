@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from safekeel.data.shards import (
     CRITIC_COLUMN,
     MANIFEST_NAME,

@@ -1,16 +1,16 @@
 """LoRA: the adapter-disabled reference is the base model, only the adapter trains, merging."""
 
 import pytest
-import safekeel.train.run as run_module
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import safekeel.train.run as run_module
 from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.tokenization import IGNORE_INDEX
 from safekeel.train.config import METHODS, TrainConfig
 from safekeel.train.data import TrainingExample, collate
 from safekeel.train.run import AdapterDisabledReference, apply_lora, train
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from tests.train.test_run import make_config, read_log, weights_of
 
 pytest.importorskip("peft")
@@ -26,7 +26,6 @@ def lora_config(model_dir, shards_dir, out, **kw):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_tokenizer):
     from safekeel.data.shards import tokenizer_fingerprint
-
     from tests.train.test_run import write_shards
 
     return write_shards(tmp_path_factory.mktemp("shards"), 8, tokenizer_fingerprint(tiny_tokenizer))

@@ -15,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from safekeel.data.shards import tokenizer_fingerprint
-from safekeel.train.run import parameter_checksum
 from transformers import AutoModelForCausalLM
 
+from safekeel.data.shards import tokenizer_fingerprint
+from safekeel.train.run import parameter_checksum
 from tests.train.test_run import write_shards
 
 REPO = Path(__file__).resolve().parents[2]

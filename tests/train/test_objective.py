@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from safekeel.train.objective import (
     KL_ESTIMATORS,
     LazyLogits,

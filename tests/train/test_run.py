@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-import safekeel.train.run as run_module
 import torch
+from safetensors.torch import load_file
+
+import safekeel.train.run as run_module
 from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.shards import (
     CRITIC_COLUMN,
@@ -24,7 +26,6 @@ from safekeel.data.shards import (
 from safekeel.train.config import METHODS, TrainConfig
 from safekeel.train.objective import LossParts
 from safekeel.train.run import LoopSettings, NonFiniteLossError, train
-from safetensors.torch import load_file
 
 ALL_RISK = (CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN, STAR_ENDS_COLUMN)
 
@@ -281,6 +282,7 @@ def test_nan_loss_stops_with_step_and_ids_and_keeps_checkpoint(
 
 def test_loop_options_are_command_line_options(capsys):
     import yaml
+
     from safekeel import pipeline
 
     assert pipeline.main(["train", "--warmup_ratio", "0.25", "--save_every", "7",

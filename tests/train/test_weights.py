@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from safekeel.train.weights import (
     AdaptiveBatchPolicy,
     LinearSchedule,
