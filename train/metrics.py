@@ -26,7 +26,6 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from safekeel.train.objective import LossParts
-from safekeel.train.weights import TokenWeights
 
 # Summed on the device, per micro-batch: objective numerator, unweighted CE, unweighted KL,
 # sum of a(t), sum of b(t), all over response tokens.
@@ -97,30 +96,35 @@ class StepMetrics:
     def add(
         self,
         parts: LossParts,
-        weights: TokenWeights,
-        response_mask: Tensor,
         *,
+        ce_weights: Tensor,
+        kl_weights: Tensor,
+        batch_risk: Tensor | None,
         reference_skipped: bool,
         padding: bool,
     ) -> None:
-        """Add one micro-batch; `padding`: an empty one topping up the step (no batch risk)."""
+        """Add one micro-batch.
+
+        ce_weights, kl_weights: a(t), b(t) of its N response tokens (what the objective got);
+        batch_risk: the weight policy's, or None; padding: an empty micro-batch topping up
+        the step (its batch risk does not count).
+        """
         loss = parts.numerator.detach().to(torch.float64)
         kl_sum = parts.kl_sum if parts.kl_sum is not None else torch.zeros_like(parts.ce_sum)
         self._sums += torch.stack([
             loss,
             parts.ce_sum.detach().to(torch.float64),
             kl_sum.detach().to(torch.float64),
-            # summed in float32 first, as a per-micro-batch scalar
-            weights.a[response_mask].sum().to(torch.float64),
-            weights.b[response_mask].sum().to(torch.float64),
+            ce_weights.sum().to(torch.float64),  # summed in float32, like the objective's
+            kl_weights.sum().to(torch.float64),
         ])
         self._losses.append(loss)
         if parts.kl_sum is not None:
             self._kl_tokens += parts.n_tokens
         self._ref_skipped += int(reference_skipped)
         self._ref_run += int(not reference_skipped)
-        if weights.batch_risk is not None and not padding:
-            self._risk_sum = self._risk_sum + weights.batch_risk.to(torch.float64)
+        if batch_risk is not None and not padding:
+            self._risk_sum = self._risk_sum + batch_risk.detach().to(torch.float64)
             self._risk_count += 1
 
     def sync(self, accelerator: Accelerator, grad_norm: Tensor | float | None) -> StepTotals:

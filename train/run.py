@@ -369,6 +369,8 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 class MicroResult:
     parts: LossParts
     weights: TokenWeights
+    ce_weights: Tensor  # a(t) of the N response tokens, as the objective got them
+    kl_weights: Tensor  # b(t) likewise
     reference_skipped: bool
 
 
@@ -406,16 +408,19 @@ def micro_batch_loss(
     )
     model_logits = lazy_masked_logits(_final_hidden(model, batch), head, mask)
     ref_logits = reference.logits_if_needed(batch, weights)
+    ce_weights, kl_weights = weights.a[mask], weights.b[mask]
     parts = token_objective(
         model_logits,
         batch.target_ids[mask],
-        weights.a[mask],
-        weights.b[mask],
+        ce_weights,
+        kl_weights,
         ref_logits,
         kl_estimator=kl_estimator,
         chunk_size=chunk_size,
     )
-    return MicroResult(parts, weights, reference_skipped=ref_logits is None)
+    return MicroResult(
+        parts, weights, ce_weights, kl_weights, reference_skipped=ref_logits is None
+    )
 
 
 # --------------------------------------------------------------------------- set-up pieces
@@ -785,8 +790,12 @@ def train_step(
             )
             accelerator.backward(loss)
         metrics.add(
-            result.parts, result.weights, batch.response_mask,
-            reference_skipped=result.reference_skipped, padding=batch.is_empty,
+            result.parts,
+            ce_weights=result.ce_weights,
+            kl_weights=result.kl_weights,
+            batch_risk=result.weights.batch_risk,
+            reference_skipped=result.reference_skipped,
+            padding=batch.is_empty,
         )
     # The last micro-batch of the window synced the gradients (see `_steps`).
     grad_norm = accelerator.clip_grad_norm_(trained.model.parameters(), cfg.max_grad_norm)
