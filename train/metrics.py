@@ -139,18 +139,18 @@ class StepMetrics:
         )
         summed = torch.cat([self._sums, host_counts, (~torch.isfinite(losses)).to(torch.float64)])
         summed = accelerator.reduce(summed, reduction="sum")
-        norm_on_device = isinstance(grad_norm, Tensor)
+        # A plain tensor rides along with the one copy; anything else (None, a float, a
+        # DTensor under some FSDP set-ups) is converted as it is, at the end.
+        norm_on_device = type(grad_norm) is Tensor
         local = [self._risk_sum, self._step_tokens.to(torch.float64)]
         if norm_on_device:
             local.append(grad_norm.detach().to(device=device, dtype=torch.float64))
         values = torch.cat([summed, torch.stack(local), losses]).tolist()  # the one host sync
-
-        sums, values = values[:_DEVICE_SUMS + 3], values[_DEVICE_SUMS + 3:]
-        nonfinite, values = values[:k], values[k:]
-        risk_sum, tokens = values[0], values[1]
+        summed_values, local_values, local_losses = _split(values, [summed.numel(), len(local), k])
+        sums, nonfinite = summed_values[:_DEVICE_SUMS + 3], summed_values[_DEVICE_SUMS + 3:]
+        risk_sum, tokens, *norm = local_values
         if norm_on_device:
-            grad_norm = values[2]
-        local_losses = values[len(local):]
+            grad_norm = norm[0]
         return StepTotals(
             loss_sum=sums[0],
             ce_sum=sums[1],
@@ -167,3 +167,12 @@ class StepMetrics:
             local_risk_count=self._risk_count,
             grad_norm=None if grad_norm is None else float(grad_norm),
         )
+
+
+def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
+    """Consecutive pieces of `values` with the given sizes."""
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(values[start:start + size])
+        start += size
+    return pieces

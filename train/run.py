@@ -1,45 +1,49 @@
-"""Stage two: fine-tune the policy on annotated shards with a risk-weighted objective.
+"""Stage two: fine-tune a model on annotated shards with a risk-weighted objective.
 
-`train(cfg)` runs the whole stage:
+Names: `cfg.policy` is the path of the model to fine-tune (the user-facing `--policy`);
+in code the model being trained is `model`, and the rule that turns risk into per-token
+weights a(t), b(t) is the `weight_policy` (`train.weights`).
 
-1. Check everything that can be checked before a model is loaded: the config, the output
-   directory (new, empty, or an earlier output of this stage; anything else is refused),
-   the shard set (schema, the columns the method needs, the policy tokenizer's fingerprint
-   in the provenance, every risk value finite and in range: `ShardReader` + `validate_values`).
-2. Load the policy. Full fine-tuning: for methods whose KL weight can be non-zero, a frozen
-   copy in eval mode is the reference (`FrozenCopyReference`). LoRA (`lora.enabled`): peft
-   wraps the policy and the reference is the same model inside `disable_adapter()`
-   (`AdapterDisabledReference`), so no second copy of the weights exists.
-3. Loop over optimizer steps. One step = `gradient_accumulation_steps` micro-batches per
-   process. The micro-batches of a step are fetched first so their response tokens can be
-   counted (all-reduced over processes), then each one runs
+`train(cfg)` reads top-down; each piece is a function of its own:
+
+1. Checks that need no model: the config, the output directory (new, empty, or an
+   earlier output of this stage; anything else is refused), the shard set (schema, the
+   columns the method needs, the tokenizer's fingerprint in the provenance, every risk
+   value finite and in range: `ShardReader` + `validate_values`).
+2. `setup_accelerator`, `setup_data`, `setup_output_dir`, `setup_model`: the model,
+   optimizer, schedule and reference (`train.reference`: a frozen copy for full
+   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`), then
+   `resume_from_checkpoint`.
+3. `run_loop`: one `train_step` per optimizer step = `gradient_accumulation_steps`
+   micro-batches per process. The micro-batches of a step are fetched first so their
+   response tokens can be counted (all-reduced over processes), then each one runs
    forward -> weights -> `token_objective` -> `normalise` -> backward (see
    `train.objective` for why the loss is normalised by the step's token count). The
    reference forward is skipped whenever b(t) = 0 for the whole micro-batch, and counted.
    Logits are only ever computed for response positions (hidden states + lm_head, lazily).
    Mixed precision (`mixed_precision`) autocasts the forward and the loss; the loss itself
-   upcasts each chunk of logits to fp32.
-4. Every step is logged (train_log.jsonl on the main process, and the tracker chosen by
-   `report_to` under the keys `train/loss`, `train/ce`, `train/kl`, `train/kl_weight`,
-   `train/batch_risk`, ...); every `save_every` steps the full state (model, optimizer,
-   schedule, RNG) goes to `checkpoints/step-N` with `accelerate`'s `save_state`, and a
-   rerun in the same output_dir resumes from the latest one. The data order depends only
-   on (seed, epoch, rank), so resuming replays the same micro-batches: the logged loss
-   sequence after resume equals the uninterrupted one.
-5. The final model goes to `output_dir/final` in HF format (full weights, or the LoRA
+   upcasts each chunk of logits to fp32. The step's metrics stay on the device
+   (`train.metrics`) and reach the host once per step, after gradient clipping.
+4. Every step is logged (`StepLog`: train_log.jsonl on the main process, and the tracker
+   chosen by `report_to` under the keys `train/loss`, `train/ce`, `train/kl`,
+   `train/kl_weight`, `train/batch_risk`, ...); every `save_every` steps the full state
+   (model, optimizer, schedule, RNG) goes to `checkpoints/step-N` with `accelerate`'s
+   `save_state`, and a rerun in the same output_dir resumes from the latest one. The data
+   order depends only on (seed, epoch, rank), so resuming replays the same micro-batches:
+   the logged loss sequence after resume equals the uninterrupted one.
+5. `save_final_model`: `output_dir/final` in HF format (full weights, or the LoRA
    adapter), with the tokenizer and the resolved config; `merge_lora` also writes the
    adapter merged into the base weights to `output_dir/merged`.
 
-A non-finite loss stops the run with the step and the example ids of the micro-batch;
-the checkpoints written before it stay as they are.
+A non-finite loss stops the run with the step and the example ids of the micro-batch,
+before the optimizer step; the checkpoints written before it stay as they are.
 
 Multiple processes (`accelerate launch` or `torchrun`): the data split is rank-aware (see
 `train.data`; nothing else re-shards it); the token count, the logged sums and the NaN
-check are all-reduced. The reference forward runs on the *unwrapped* model, never through
-DDP: whether it runs is decided per process (b = 0 on one rank's micro-batch need not hold
-on another's), and a wrapped forward could start collectives the other ranks never join.
-`record_ranks` makes every process write the example ids it trained on and a checksum of
-its final parameters (tests/train/test_multiprocess.py checks both on 2 CPU processes).
+flags are all-reduced. The reference forward runs on the *unwrapped* model, never through
+DDP (see `train.reference`). `record_ranks` makes every process write the example ids it
+trained on and a checksum of its final parameters (tests/train/test_multiprocess.py
+checks both on 2 CPU processes).
 """
 
 from __future__ import annotations
