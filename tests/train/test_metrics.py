@@ -21,7 +21,9 @@ def shards(tmp_path_factory, tiny_tokenizer):
 
 
 class OneProcess:
-    """The one Accelerator method `StepMetrics.sync` uses, for a single process."""
+    """What `StepMetrics.sync` and the NaN stop use of an Accelerator, for one process."""
+
+    num_processes, process_index, gradient_accumulation_steps = 1, 0, 1
 
     def reduce(self, tensor, reduction):
         assert reduction == "sum"
@@ -144,3 +146,41 @@ def test_logged_metrics_equal_sums_over_the_micro_batches(method, accumulation,
         assert log[-1]["ref_skipped"] == 2 and log[-1]["kl"] is not None
     else:
         assert all(r["kl"] is None and r["ref_run"] == 0 for r in log)
+
+
+class SecondOfTwoProcesses(OneProcess):
+    """Process 1 of 2 whose reduce adds process 0's flags: its micro-batch 2 was NaN."""
+
+    num_processes, process_index, gradient_accumulation_steps = 2, 1, 3
+
+    def reduce(self, tensor, reduction):
+        other = torch.zeros_like(tensor)
+        other[-2] = 1.0  # the flag of micro-batch 2 (of 3), the last 3 entries are flags
+        return tensor + other
+
+
+def test_every_process_names_the_first_bad_micro_batch(tmp_path):
+    from safekeel.train.data import TrainingExample, collate
+
+    batch = collate([TrainingExample(id="ex-07", input_ids=[5, 6, 7], labels=[-100, 6, 7])], 0)
+    metrics = StepMetrics(torch.tensor(6))
+    for numerator in (1.0, 2.0, float("nan")):
+        metrics.add(**micro_batch(numerator, 1.0, None, 2, [1.0, 1.0], [0.0, 0.0], None),
+                    reference_skipped=True, padding=False)
+    accelerator = SecondOfTwoProcesses()
+    totals = metrics.sync(accelerator, None)
+    assert totals.nonfinite == [0, 1, 1]
+    window = [(0, batch)] * 3
+    with pytest.raises(run_module.NonFiniteLossError) as caught:
+        run_module._stop_if_not_finite(accelerator, totals, window, 4, tmp_path / "step-2")
+    assert str(caught.value) == (
+        "step 4 (micro-batch 2 of 3, process 1): another process's loss is not finite; "
+        f"training stopped, last checkpoint: {tmp_path / 'step-2'}")
+
+    alone = StepMetrics(torch.tensor(2))
+    alone.add(**micro_batch(float("nan"), 1.0, None, 2, [1.0, 1.0], [0.0, 0.0], None),
+              reference_skipped=True, padding=False)
+    with pytest.raises(run_module.NonFiniteLossError, match=r"step 1 \(micro-batch 1 of 1\): "
+                       r"loss is nan on examples \['ex-07'\]; .* last checkpoint: none yet"):
+        run_module._stop_if_not_finite(OneProcess(), alone.sync(OneProcess(), None),
+                                       [(0, batch)], 1, None)
