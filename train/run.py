@@ -1,50 +1,53 @@
-"""Stage two: fine-tune the policy on annotated shards with a risk-weighted objective.
+"""Stage two: fine-tune a model on annotated shards with a risk-weighted objective.
 
-`train(cfg)` runs the whole stage:
+Names: `cfg.policy` is the path of the model to fine-tune (the user-facing `--policy`);
+in code the model being trained is `model`, and the rule that turns risk into per-token
+weights a(t), b(t) is the `weight_policy` (`train.weights`).
 
-1. Check everything that can be checked before a model is loaded: the config, the output
-   directory (new, empty, or an earlier output of this stage; anything else is refused),
-   the shard set (schema, the columns the method needs, the policy tokenizer's fingerprint
-   in the provenance, every risk value finite and in range: `ShardReader` + `validate_values`).
-2. Load the policy. Full fine-tuning: for methods whose KL weight can be non-zero, a frozen
-   copy in eval mode is the reference (`FrozenCopyReference`). LoRA (`lora.enabled`): peft
-   wraps the policy and the reference is the same model inside `disable_adapter()`
-   (`AdapterDisabledReference`), so no second copy of the weights exists.
-3. Loop over optimizer steps. One step = `gradient_accumulation_steps` micro-batches per
-   process. The micro-batches of a step are fetched first so their response tokens can be
-   counted (all-reduced over processes), then each one runs
+`train(cfg)` reads top-down; each piece is a function of its own:
+
+1. Checks that need no model: the config, the output directory (new, empty, or an
+   earlier output of this stage; anything else is refused), the shard set (schema, the
+   columns the method needs, the tokenizer's fingerprint in the provenance, every risk
+   value finite and in range: `ShardReader` + `validate_values`).
+2. `setup_accelerator`, `setup_data`, `setup_output_dir`, `setup_model`: the model,
+   optimizer, schedule and reference (`train.reference`: a frozen copy for full
+   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`), then
+   `resume_from_checkpoint`.
+3. `run_loop`: one `train_step` per optimizer step = `gradient_accumulation_steps`
+   micro-batches per process. The micro-batches of a step are fetched first so their
+   response tokens can be counted (all-reduced over processes), then each one runs
    forward -> weights -> `token_objective` -> `normalise` -> backward (see
    `train.objective` for why the loss is normalised by the step's token count). The
    reference forward is skipped whenever b(t) = 0 for the whole micro-batch, and counted.
    Logits are only ever computed for response positions (hidden states + lm_head, lazily).
    Mixed precision (`mixed_precision`) autocasts the forward and the loss; the loss itself
-   upcasts each chunk of logits to fp32.
-4. Every step is logged (train_log.jsonl on the main process, and the tracker chosen by
-   `report_to` under the keys `train/loss`, `train/ce`, `train/kl`, `train/kl_weight`,
-   `train/batch_risk`, ...); every `save_every` steps the full state (model, optimizer,
-   schedule, RNG) goes to `checkpoints/step-N` with `accelerate`'s `save_state`, and a
-   rerun in the same output_dir resumes from the latest one. The data order depends only
-   on (seed, epoch, rank), so resuming replays the same micro-batches: the logged loss
-   sequence after resume equals the uninterrupted one.
-5. The final model goes to `output_dir/final` in HF format (full weights, or the LoRA
+   upcasts each chunk of logits to fp32. The step's metrics stay on the device
+   (`train.metrics`) and reach the host once per step, after gradient clipping.
+4. Every step is logged (`StepLog`: train_log.jsonl on the main process, and the tracker
+   chosen by `report_to` under the keys `train/loss`, `train/ce`, `train/kl`,
+   `train/kl_weight`, `train/batch_risk`, ...); every `save_every` steps the full state
+   (model, optimizer, schedule, RNG) goes to `checkpoints/step-N` with `accelerate`'s
+   `save_state`, and a rerun in the same output_dir resumes from the latest one. The data
+   order depends only on (seed, epoch, rank), so resuming replays the same micro-batches:
+   the logged loss sequence after resume equals the uninterrupted one.
+5. `save_final_model`: `output_dir/final` in HF format (full weights, or the LoRA
    adapter), with the tokenizer and the resolved config; `merge_lora` also writes the
    adapter merged into the base weights to `output_dir/merged`.
 
-A non-finite loss stops the run with the step and the example ids of the micro-batch;
-the checkpoints written before it stay as they are.
+A non-finite loss stops the run with the step and the example ids of the micro-batch,
+before the optimizer step; the checkpoints written before it stay as they are.
 
 Multiple processes (`accelerate launch` or `torchrun`): the data split is rank-aware (see
 `train.data`; nothing else re-shards it); the token count, the logged sums and the NaN
-check are all-reduced. The reference forward runs on the *unwrapped* model, never through
-DDP: whether it runs is decided per process (b = 0 on one rank's micro-batch need not hold
-on another's), and a wrapped forward could start collectives the other ranks never join.
-`record_ranks` makes every process write the example ids it trained on and a checksum of
-its final parameters (tests/train/test_multiprocess.py checks both on 2 CPU processes).
+flags are all-reduced. The reference forward runs on the *unwrapped* model, never through
+DDP (see `train.reference`). `record_ranks` makes every process write the example ids it
+trained on and a checksum of its final parameters (tests/train/test_multiprocess.py
+checks both on 2 CPU processes).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -56,7 +59,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -71,15 +74,21 @@ from safekeel.data.models import load_causal_lm, load_tokenizer
 from safekeel.data.shards import ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
+from safekeel.train.metrics import StepMetrics, StepTotals
 from safekeel.train.objective import (
-    LazyLogits,
     LossParts,
     count_step_tokens,
     lazy_masked_logits,
     normalise,
     token_objective,
 )
-from safekeel.train.weights import TokenWeights, WeightPolicy, make_weight_policy, needs_reference
+from safekeel.train.reference import (
+    AdapterDisabledReference,
+    ReferenceModel,
+    SkippingReference,
+    build_reference,
+)
+from safekeel.train.weights import TokenWeights, WeightPolicy, make_weight_policy
 
 LOG_NAME = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -253,13 +262,13 @@ def configure_for_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
         )
 
 
-def open_shards(cfg: TrainConfig, policy: WeightPolicy, tokenizer: Any) -> ShardReader:
+def open_shards(cfg: TrainConfig, weight_policy: WeightPolicy, tokenizer: Any) -> ShardReader:
     """Validate the shard set for this method and tokenizer; raises ShardError naming where."""
     if not cfg.shards:
         raise ConfigError("shards: no shard directory given")
     reader = ShardReader(
         cfg.shards,
-        required_columns=policy.required_columns,
+        required_columns=weight_policy.required_columns,
         expected_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         consumer=f"method {cfg.method!r}",
     )
@@ -285,63 +294,6 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         return get_peft_model(model, lora)
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError(f"lora.target_modules: {err}") from None
-
-
-# --------------------------------------------------------------------------- references
-
-
-class ReferencePolicy(Protocol):
-    """The safe reference q: logits for the response positions of a batch, without gradient."""
-
-    def response_logits(self, batch: TrainingBatch) -> LazyLogits: ...
-
-
-def _base_hidden(causal_lm: torch.nn.Module, batch: TrainingBatch) -> Tensor:
-    """Final-norm hidden states [B, T-1, H] from the transformer body, without the head."""
-    return causal_lm.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state[:, :-1]
-
-
-@dataclass
-class FrozenCopyReference:
-    """Full fine-tuning: a frozen copy of the initial policy, in eval mode."""
-
-    model: torch.nn.Module
-
-    def response_logits(self, batch: TrainingBatch) -> LazyLogits:
-        with torch.no_grad():
-            hidden = _base_hidden(self.model, batch)
-        return lazy_masked_logits(hidden, self.model.get_output_embeddings(), batch.response_mask)
-
-
-@dataclass
-class AdapterDisabledReference:
-    """LoRA: the policy itself with its adapter switched off, i.e. the base model.
-
-    Only the body runs inside `disable_adapter()`; the head is applied later, lazily, which
-    is exact because the head never carries an adapter (`LoraConfig.validate` refuses it).
-    The body runs in eval mode so that the reference is deterministic.
-    """
-
-    peft_model: Any  # peft.PeftModel, unwrapped (not the DDP/FSDP wrapper)
-
-    def response_logits(self, batch: TrainingBatch) -> LazyLogits:
-        causal_lm = self.peft_model.get_base_model()
-        was_training = causal_lm.training
-        causal_lm.eval()
-        try:
-            with torch.no_grad(), self.peft_model.disable_adapter():
-                hidden = _base_hidden(causal_lm, batch)
-        finally:
-            causal_lm.train(was_training)
-        return lazy_masked_logits(hidden, causal_lm.get_output_embeddings(), batch.response_mask)
-
-
-def build_reference(model: torch.nn.Module, device: torch.device) -> FrozenCopyReference:
-    """A frozen copy of the (not yet trained) policy in eval mode: the safe reference."""
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return FrozenCopyReference(reference.to(device))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -421,6 +373,8 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 class MicroResult:
     parts: LossParts
     weights: TokenWeights
+    ce_weights: Tensor  # a(t) of the N response tokens, as the objective got them
+    kl_weights: Tensor  # b(t) likewise
     reference_skipped: bool
 
 
@@ -441,8 +395,8 @@ def _final_hidden(model: torch.nn.Module, batch: TrainingBatch) -> Tensor:
 def micro_batch_loss(
     model: torch.nn.Module,
     head: torch.nn.Module,
-    reference: ReferencePolicy | None,
-    policy: WeightPolicy,
+    reference: SkippingReference,
+    weight_policy: WeightPolicy,
     batch: TrainingBatch,
     *,
     kl_estimator: str,
@@ -450,29 +404,240 @@ def micro_batch_loss(
 ) -> MicroResult:
     """sum_t a CE + b KL for one micro-batch; the reference runs only if some b(t) != 0."""
     mask = batch.response_mask
-    weights = policy(
+    weights = weight_policy(
         mask,
         critic_p_unsafe=batch.critic_p_unsafe,
         probe_p_harmful=batch.probe_p_harmful,
         star_v_safe_tokens=batch.star_v_safe_tokens,
     )
-    policy_logits = lazy_masked_logits(_final_hidden(model, batch), head, mask)
-    ref_logits = None
-    skip = not needs_reference(weights)
-    if not skip:
-        if reference is None:
-            raise TrainingError(f"method {policy.name!r} set a KL weight but has no reference")
-        ref_logits = reference.response_logits(batch)
+    model_logits = lazy_masked_logits(_final_hidden(model, batch), head, mask)
+    ref_logits = reference.logits_if_needed(batch, weights)
+    ce_weights, kl_weights = weights.a[mask], weights.b[mask]
     parts = token_objective(
-        policy_logits,
+        model_logits,
         batch.target_ids[mask],
-        weights.a[mask],
-        weights.b[mask],
+        ce_weights,
+        kl_weights,
         ref_logits,
         kl_estimator=kl_estimator,
         chunk_size=chunk_size,
     )
-    return MicroResult(parts, weights, skip)
+    return MicroResult(
+        parts, weights, ce_weights, kl_weights, reference_skipped=ref_logits is None
+    )
+
+
+# --------------------------------------------------------------------------- set-up pieces
+
+
+@dataclass
+class OutputPaths:
+    """Where one run writes, under output_dir; `rank` names this process's folder."""
+
+    root: Path
+    rank: int
+    merge_lora: bool
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG_NAME
+
+    @property
+    def rank_dir(self) -> Path:
+        return self.root / RANKS_DIR / f"rank-{self.rank}"
+
+    @property
+    def example_ids(self) -> Path:
+        return self.rank_dir / IDS_LOG_NAME
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL_DIR
+
+    @property
+    def merged(self) -> Path | None:
+        return self.root / MERGED_DIR if self.merge_lora else None
+
+
+@dataclass
+class TrainedModel:
+    """The model being trained (as `prepare`d, and unwrapped), its optimizer and schedule,
+    and the reference it is held to."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    reference: SkippingReference
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.unwrapped.get_output_embeddings()
+
+
+def setup_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator for this run (precision, accumulation, tracker), with seeds set."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with=tracker_name(cfg.report_to),
+        project_dir=str(Path(cfg.output_dir) / LOGS_DIR),
+    )
+    configure_for_deepspeed(accelerator, cfg)
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def setup_data(
+    cfg: TrainConfig, weight_policy: WeightPolicy, tokenizer: Any, accelerator: Accelerator
+) -> TrainingStream:
+    """This process's share of the validated shard set, as tokenised micro-batches."""
+    reader = open_shards(cfg, weight_policy, tokenizer)
+    return TrainingStream(
+        reader,
+        tokenizer,
+        cfg.tokenization,
+        cfg.per_device_batch_size,
+        risk_columns=weight_policy.required_columns,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        buffer_size=cfg.shuffle_buffer,
+    )
+
+
+def count_total_steps(cfg: TrainConfig, stream: TrainingStream) -> int:
+    """Optimizer steps of the whole run: every epoch's micro-batches, capped by max_steps."""
+    micro_total = sum(stream.batches_per_epoch(e) for e in range(cfg.epochs))
+    total_steps = math.ceil(micro_total / cfg.gradient_accumulation_steps)
+    return total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+
+
+def setup_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputPaths:
+    """Create output_dir and write the resolved config (main process); the rank folder."""
+    paths = OutputPaths(
+        Path(cfg.output_dir), accelerator.process_index, cfg.lora.enabled and cfg.merge_lora
+    )
+    # Every process has checked output_dir before any of them writes to it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, paths.root / CONFIG_NAME)
+    if cfg.record_ranks:
+        paths.rank_dir.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def setup_model(
+    cfg: TrainConfig, weight_policy: WeightPolicy, accelerator: Accelerator, total_steps: int
+) -> TrainedModel:
+    """Load the model (`cfg.policy`), its reference, optimizer and schedule; `prepare` them.
+
+    Full fine-tuning copies the reference before `prepare`, so it never becomes part of
+    the optimised (or wrapped) model. LoRA's reference is the model with its adapter off.
+    """
+    model = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    model.train()
+    reference: ReferenceModel | None = None
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    elif weight_policy.uses_reference:
+        reference = build_reference(model, accelerator.device)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+    )
+    # The schedule counts optimizer steps; it is stepped by hand and not `prepare`d, which
+    # would step it once per process and per micro-batch.
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = LambdaLR(optimizer, linear_warmup_schedule(total_steps, warmup_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.lora.enabled and weight_policy.uses_reference:
+        reference = AdapterDisabledReference(unwrapped)
+    return TrainedModel(
+        model, unwrapped, optimizer, scheduler, SkippingReference(reference, cfg.method)
+    )
+
+
+def resume_from_checkpoint(
+    accelerator: Accelerator, output_dir: Path, resume_key: dict[str, Any]
+) -> tuple[Path | None, int]:
+    """Load output_dir's latest checkpoint, if any: (its path, the step it was written at)."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        return None, 0
+    state = read_trainer_state(checkpoint / TRAINER_STATE_NAME)
+    if state["resume_key"] != resume_key:
+        changed = [
+            f"{k}: {state['resume_key'].get(k)!r} -> {v!r}"
+            for k, v in resume_key.items()
+            if state["resume_key"].get(k) != v
+        ]
+        raise ResumeError(
+            f"{checkpoint}: written by a run with other settings ({'; '.join(changed)}); "
+            "use another output_dir to start afresh"
+        )
+    accelerator.load_state(str(checkpoint))
+    return checkpoint, int(state["step"])
+
+
+class StepLog:
+    """Where each step's record goes: train_log.jsonl (main process), the tracker under
+    `train/<key>`, the progress bar, and with `record_ranks` this process's example ids.
+
+    Opening it drops the lines of steps after `start_step` (a resumed run rewrites them).
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Accelerator, paths: OutputPaths,
+        start_step: int, total_steps: int,
+    ) -> None:
+        self._accelerator = accelerator
+        self._paths = paths
+        self._record_ranks = cfg.record_ranks
+        self._tracking = cfg.report_to != "none"
+        if accelerator.is_main_process:
+            _truncate_log(paths.log, start_step)
+        if cfg.record_ranks:
+            _truncate_log(paths.example_ids, start_step)
+        if self._tracking:
+            accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg))
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=f"train {cfg.method}" + (" (LoRA)" if cfg.lora.enabled else ""),
+            disable=not (cfg.progress_bar and accelerator.is_local_main_process),
+        )
+
+    def write(self, record: dict[str, Any], window: Window) -> None:
+        step = record["step"]
+        if self._accelerator.is_main_process:
+            with open(self._paths.log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self._record_ranks:
+            with open(self._paths.example_ids, "a", encoding="utf-8") as handle:
+                for index, (epoch, batch) in enumerate(window):
+                    ids = [i for i in batch.ids if i]
+                    line = {"step": step, "micro_batch": index, "epoch": epoch, "ids": ids}
+                    handle.write(json.dumps(line) + "\n")
+        if self._tracking:
+            self._accelerator.log(
+                {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                step=step,
+            )
+        self._bar.update(1)
+        self._bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            kl="-" if record["kl"] is None else f"{record['kl']:.4f}",
+            kl_w=f"{record['kl_weight']:.3f}",
+        )
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -512,110 +677,66 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
     if settings is not None:
         cfg = settings.apply(cfg)
     validate(cfg)
-    output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir)
-    accumulation = cfg.gradient_accumulation_steps
-    log_with = tracker_name(cfg.report_to)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=accumulation,
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        log_with=log_with,
-        project_dir=str(output_dir / LOGS_DIR),
-    )
-    configure_for_deepspeed(accelerator, cfg)
-    set_seed(cfg.seed)
-    rank = accelerator.process_index
-
+    check_output_dir(Path(cfg.output_dir))  # before anything is loaded or written
+    accelerator = setup_accelerator(cfg)
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    policy = make_weight_policy(cfg.method, **weight_policy_params(cfg))
-    reader = open_shards(cfg, policy, tokenizer)
-    stream = TrainingStream(
-        reader,
-        tokenizer,
-        cfg.tokenization,
-        cfg.per_device_batch_size,
-        risk_columns=policy.required_columns,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=accelerator.num_processes,
-        buffer_size=cfg.shuffle_buffer,
-    )
-    micro_total = sum(stream.batches_per_epoch(e) for e in range(cfg.epochs))
-    total_steps = math.ceil(micro_total / accumulation)
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-
-    log_path = output_dir / LOG_NAME
-    rank_dir = output_dir / RANKS_DIR / f"rank-{rank}"
-    # Every process has checked output_dir before any of them writes to it.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, output_dir / CONFIG_NAME)
-    if cfg.record_ranks:
-        rank_dir.mkdir(parents=True, exist_ok=True)
-
-    model = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    model.train()
-    reference: ReferencePolicy | None = None
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg)
-    elif policy.uses_reference:
-        # Copied before `prepare` so it never becomes part of the optimised (or wrapped)
-        # model, and frozen in eval mode.
-        reference = build_reference(model, accelerator.device)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-    )
-    # The schedule counts optimizer steps; it is stepped by hand and not `prepare`d, which
-    # would step it once per process and per micro-batch.
-    scheduler = LambdaLR(optimizer, linear_warmup_schedule(total_steps, warmup_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    head = unwrapped.get_output_embeddings()
-    if cfg.lora.enabled and policy.uses_reference:
-        reference = AdapterDisabledReference(unwrapped)
+    weight_policy = make_weight_policy(cfg.method, **weight_policy_params(cfg))
+    stream = setup_data(cfg, weight_policy, tokenizer, accelerator)
+    total_steps = count_total_steps(cfg, stream)
+    paths = setup_output_dir(cfg, accelerator)
+    trained = setup_model(cfg, weight_policy, accelerator, total_steps)
 
     resume_key = _resume_key(cfg, accelerator.num_processes, total_steps)
-    start_step = 0
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None:
-        state = read_trainer_state(checkpoint / TRAINER_STATE_NAME)
-        if state["resume_key"] != resume_key:
-            changed = [
-                f"{k}: {state['resume_key'].get(k)!r} -> {v!r}"
-                for k, v in resume_key.items()
-                if state["resume_key"].get(k) != v
-            ]
-            raise ResumeError(
-                f"{checkpoint}: written by a run with other settings ({'; '.join(changed)}); "
-                "use another output_dir to start afresh"
-            )
-        accelerator.load_state(str(checkpoint))
-        start_step = int(state["step"])
-    if accelerator.is_main_process:
-        _truncate_log(log_path, start_step)
-    ids_path = rank_dir / IDS_LOG_NAME
-    if cfg.record_ranks:
-        _truncate_log(ids_path, start_step)
-    if log_with is not None:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg))
-
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc=f"train {cfg.method}" + (" (LoRA)" if cfg.lora.enabled else ""),
-        disable=not (cfg.progress_bar and accelerator.is_local_main_process),
+    checkpoint, start_step = resume_from_checkpoint(accelerator, paths.root, resume_key)
+    step_log = StepLog(cfg, accelerator, paths, start_step, total_steps)
+    steps = run_loop(
+        cfg, accelerator, trained, weight_policy, stream, step_log,
+        start_step=start_step, total_steps=total_steps,
+        resume_key=resume_key, last_checkpoint=checkpoint,
     )
-    ref_run = ref_skipped = 0
-    last_checkpoint = checkpoint
+    step_log.close()
+
+    accelerator.wait_for_everyone()
+    if cfg.record_ranks:
+        save_rank_summary(accelerator, trained, paths, steps)
+    save_final_model(accelerator, trained, tokenizer, cfg, paths)
+    accelerator.end_training()
+    return TrainResult(
+        output_dir=paths.root,
+        final_dir=paths.final,
+        log_path=paths.log,
+        steps=steps,
+        resumed_from_step=start_step if checkpoint is not None else None,
+        world_size=accelerator.num_processes,
+        ref_forwards_run=trained.reference.forwards_run,
+        ref_forwards_skipped=trained.reference.forwards_skipped,
+        tokenization_issues=dict(stream.issues),
+        truncated_examples=stream.truncated_examples,
+        merged_dir=paths.merged,
+    )
+
+
+def run_loop(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    trained: TrainedModel,
+    weight_policy: WeightPolicy,
+    stream: TrainingStream,
+    step_log: StepLog,
+    *,
+    start_step: int,
+    total_steps: int,
+    resume_key: dict[str, Any],
+    last_checkpoint: Path | None,
+) -> int:
+    """Optimizer steps from `start_step` to `total_steps`, logged and checkpointed.
+
+    Returns the number of the last step done. The data order depends only on (seed, epoch,
+    rank), so skipping the first `start_step` windows replays exactly what a resumed run
+    had trained on.
+    """
     step = start_step
-    steps = _steps(stream, cfg.epochs, accumulation)
+    steps = _steps(stream, cfg.epochs, cfg.gradient_accumulation_steps)
     for _ in range(start_step):  # replay the data order up to the checkpoint
         next(steps)
     # Step time runs from the end of one step to the end of the next: it includes reading
@@ -625,176 +746,89 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
         if step >= total_steps:
             break
         step += 1
-        batches = [batch.to(accelerator.device) for _, batch in window]
-        n_tokens = count_step_tokens([b.response_mask for b in batches])
-        lr = scheduler.get_last_lr()[0]
-        # numerator, ce, kl, kl tokens, a sum, b sum, ref skipped, ref run
-        sums = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
-        risks: list[float] = []
-        for index, batch in enumerate(batches):
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    result = micro_batch_loss(
-                        model, head, reference, policy, batch,
-                        kl_estimator=cfg.kl.estimator, chunk_size=cfg.chunk_size,
-                    )
-                parts = result.parts
-                _stop_if_not_finite(accelerator, parts, batch, step, index, last_checkpoint)
-                loss = normalise(
-                    parts.numerator,
-                    n_tokens,
-                    world_size=accelerator.num_processes,
-                    accumulation_steps=accumulation,
-                )
-                accelerator.backward(loss)
-            mask = batch.response_mask
-            sums += torch.tensor(
-                [
-                    parts.numerator.item(),
-                    parts.ce_sum.item(),
-                    0.0 if parts.kl_sum is None else parts.kl_sum.item(),
-                    0 if parts.kl_sum is None else parts.n_tokens,
-                    result.weights.a[mask].sum().item(),
-                    result.weights.b[mask].sum().item(),
-                    float(result.reference_skipped),
-                    float(not result.reference_skipped),
-                ],
-                dtype=torch.float64,
-                device=accelerator.device,
-            )
-            ref_skipped += int(result.reference_skipped)
-            ref_run += int(not result.reference_skipped)
-            if result.weights.batch_risk is not None and not batch.is_empty:
-                risks.append(result.weights.batch_risk.item())
-
-        # The last micro-batch of the window synced the gradients (see `_steps`).
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-
-        sums = accelerator.reduce(sums, reduction="sum")
-        n = max(int(n_tokens), 1)
-        record = {
-            "step": step,
-            "loss": sums[0].item() / n,
-            "ce": sums[1].item() / n,
-            "kl": sums[2].item() / sums[3].item() if sums[3] > 0 else None,
-            "kl_weight": sums[5].item() / n,
-            "ce_weight": sums[4].item() / n,
-            "batch_risk": sum(risks) / len(risks) if risks else None,  # main process
-            "ref_skipped": int(sums[6].item()),
-            "ref_run": int(sums[7].item()),
-            "tokens": int(n_tokens),
-            "lr": lr,
-            # None where the engine clips by itself and reports nothing (DeepSpeed)
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "step_seconds": time.perf_counter() - step_started,
-        }
-        if accelerator.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if cfg.record_ranks:
-            with open(ids_path, "a", encoding="utf-8") as handle:
-                for index, (epoch, batch) in enumerate(window):
-                    ids = [i for i in batch.ids if i]
-                    line = {"step": step, "micro_batch": index, "epoch": epoch, "ids": ids}
-                    handle.write(json.dumps(line) + "\n")
-        if log_with is not None:
-            accelerator.log(
-                {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
-                step=step,
-            )
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            kl="-" if record["kl"] is None else f"{record['kl']:.4f}",
-            kl_w=f"{record['kl_weight']:.3f}",
-        )
+        lr = trained.scheduler.get_last_lr()[0]
+        totals = train_step(cfg, accelerator, trained, weight_policy, window)
+        _stop_if_not_finite(accelerator, totals, window, step, last_checkpoint)
+        trained.optimizer.step()
+        trained.scheduler.step()
+        trained.optimizer.zero_grad()
+        step_log.write(totals.record(step, lr, time.perf_counter() - step_started), window)
         # The last step is saved too, so a rerun of a finished run has nothing left to do.
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-            last_checkpoint = _save_checkpoint(accelerator, output_dir, step, resume_key)
+            last_checkpoint = save_checkpoint(
+                accelerator, Path(cfg.output_dir), step, resume_key
+            )
         step_started = time.perf_counter()
-    bar.close()
-
-    final_dir = output_dir / FINAL_DIR
-    merged_dir = output_dir / MERGED_DIR if cfg.lora.enabled and cfg.merge_lora else None
-    accelerator.wait_for_everyone()
-    if cfg.record_ranks:
-        _write_json_atomic(rank_dir / RANK_SUMMARY_NAME, {
-            "rank": rank,
-            "world_size": accelerator.num_processes,
-            "steps": step,
-            "parameter_sha256": parameter_checksum(unwrapped),
-        })
-    _save_final(accelerator, model, tokenizer, cfg, final_dir, merged_dir)
-    accelerator.end_training()
-    return TrainResult(
-        output_dir=output_dir,
-        final_dir=final_dir,
-        log_path=log_path,
-        steps=step,
-        resumed_from_step=start_step if checkpoint is not None else None,
-        world_size=accelerator.num_processes,
-        ref_forwards_run=ref_run,
-        ref_forwards_skipped=ref_skipped,
-        tokenization_issues=dict(stream.issues),
-        truncated_examples=stream.truncated_examples,
-        merged_dir=merged_dir,
-    )
+    return step
 
 
-def _save_final(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    tokenizer: Any,
+def train_step(
     cfg: TrainConfig,
-    final_dir: Path,
-    merged_dir: Path | None,
-) -> None:
-    """HF-format model (full weights, or the LoRA adapter), tokenizer and resolved config.
+    accelerator: Accelerator,
+    trained: TrainedModel,
+    weight_policy: WeightPolicy,
+    window: Window,
+) -> StepTotals:
+    """Forward and backward over one step's micro-batches, then clip; the step's metrics.
 
-    `get_state_dict` runs on every process: under FSDP / ZeRO-3 it gathers the shards.
+    The step's response tokens are counted first (over all processes) so that every
+    micro-batch's loss is normalised by them (see `train.objective`). The metrics reach
+    the host once, after the gradients are clipped; the optimizer step is the caller's,
+    after it has checked that every loss was finite.
     """
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        # peft keeps only the adapter's weights from the full state dict
-        unwrapped.save_pretrained(final_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(final_dir)
-        save_resolved(cfg, final_dir / CONFIG_NAME)
-        if merged_dir is not None:
-            # The run is over: merging in place is fine, the model is not used afterwards.
-            merged = unwrapped.merge_and_unload()
-            merged.save_pretrained(merged_dir)
-            tokenizer.save_pretrained(merged_dir)
-            save_resolved(cfg, merged_dir / CONFIG_NAME)
-    accelerator.wait_for_everyone()
+    batches = [batch.to(accelerator.device) for _, batch in window]
+    step_tokens = count_step_tokens([b.response_mask for b in batches])
+    metrics = StepMetrics(step_tokens)
+    for batch in batches:
+        with accelerator.accumulate(trained.model):
+            with accelerator.autocast():
+                result = micro_batch_loss(
+                    trained.model, trained.head, trained.reference, weight_policy, batch,
+                    kl_estimator=cfg.kl.estimator, chunk_size=cfg.chunk_size,
+                )
+            loss = normalise(
+                result.parts.numerator,
+                step_tokens,
+                world_size=accelerator.num_processes,
+                accumulation_steps=cfg.gradient_accumulation_steps,
+            )
+            accelerator.backward(loss)
+        metrics.add(
+            result.parts,
+            ce_weights=result.ce_weights,
+            kl_weights=result.kl_weights,
+            batch_risk=result.weights.batch_risk,
+            reference_skipped=result.reference_skipped,
+            padding=batch.is_empty,
+        )
+    # The last micro-batch of the window synced the gradients (see `_steps`).
+    grad_norm = accelerator.clip_grad_norm_(trained.model.parameters(), cfg.max_grad_norm)
+    return metrics.sync(accelerator, grad_norm)
 
 
 def _stop_if_not_finite(
     accelerator: Accelerator,
-    parts: LossParts,
-    batch: TrainingBatch,
+    totals: StepTotals,
+    window: Window,
     step: int,
-    index: int,
     last_checkpoint: Path | None,
 ) -> None:
-    """Raise NonFiniteLossError on every process if any process's loss is NaN or infinite.
+    """Raise NonFiniteLossError on every process if any process's loss was NaN or infinite.
 
-    The flag is all-reduced so that all processes stop together, before the backward pass
-    (a process that stopped alone would leave the others waiting in the all-reduce).
+    The finiteness flags were all-reduced with the step's metrics, so all processes stop
+    together, before the optimizer step: the weights and the checkpoints stay as they were.
     """
-    local_bad = not bool(torch.isfinite(parts.numerator))
-    flag = torch.tensor([float(local_bad)], device=parts.numerator.device)
-    if accelerator.reduce(flag, reduction="sum").item() == 0:
+    index = totals.first_nonfinite()
+    if index is None:
         return
     where = f"micro-batch {index + 1} of {accelerator.gradient_accumulation_steps}"
     if accelerator.num_processes > 1:
         where += f", process {accelerator.process_index}"
+    local_loss = totals.local_losses[index]
+    batch = window[index][1]
     what = (
-        f"loss is {parts.numerator.item()} on examples {[i for i in batch.ids if i]}"
-        if local_bad
+        f"loss is {local_loss} on examples {[i for i in batch.ids if i]}"
+        if not math.isfinite(local_loss)
         else "another process's loss is not finite"
     )
     saved = last_checkpoint if last_checkpoint is not None else "none yet"
@@ -803,7 +837,10 @@ def _stop_if_not_finite(
     )
 
 
-def _save_checkpoint(
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
     accelerator: Accelerator, output_dir: Path, step: int, resume_key: dict[str, Any]
 ) -> Path:
     """Full state to checkpoints/step-N; trainer_state.json last, so it marks completeness."""
@@ -816,3 +853,42 @@ def _save_checkpoint(
         )
     accelerator.wait_for_everyone()
     return path
+
+
+def save_rank_summary(
+    accelerator: Accelerator, trained: TrainedModel, paths: OutputPaths, steps: int
+) -> None:
+    """`record_ranks`: this process's world size, steps and final-parameter checksum."""
+    _write_json_atomic(paths.rank_dir / RANK_SUMMARY_NAME, {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "steps": steps,
+        "parameter_sha256": parameter_checksum(trained.unwrapped),
+    })
+
+
+def save_final_model(
+    accelerator: Accelerator,
+    trained: TrainedModel,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    paths: OutputPaths,
+) -> None:
+    """HF-format model (full weights, or the LoRA adapter), tokenizer and resolved config;
+    with `merge_lora` also the adapter merged into the base weights.
+
+    `get_state_dict` runs on every process: under FSDP / ZeRO-3 it gathers the shards.
+    """
+    state_dict = accelerator.get_state_dict(trained.model)
+    if accelerator.is_main_process:
+        # peft keeps only the adapter's weights from the full state dict
+        trained.unwrapped.save_pretrained(paths.final, state_dict=state_dict)
+        tokenizer.save_pretrained(paths.final)
+        save_resolved(cfg, paths.final / CONFIG_NAME)
+        if paths.merged is not None:
+            # The run is over: merging in place is fine, the model is not used afterwards.
+            merged = trained.unwrapped.merge_and_unload()
+            merged.save_pretrained(paths.merged)
+            tokenizer.save_pretrained(paths.merged)
+            save_resolved(cfg, paths.merged / CONFIG_NAME)
+    accelerator.wait_for_everyone()

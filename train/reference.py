@@ -1,0 +1,110 @@
+"""The safe reference model q of the KL term: which model it is, and when it runs at all.
+
+* Full fine-tuning: a frozen copy of the initial model, in eval mode (`build_reference`).
+* LoRA: the trained model itself with its adapter switched off, i.e. the base model
+  (`AdapterDisabledReference`); no second copy of the weights exists.
+* `SkippingReference` is what the training loop calls: it runs the reference forward only
+  when some b(t) != 0 in the micro-batch, and counts the forwards it ran and skipped.
+
+Both reference kinds return logits of the response positions lazily (hidden states + the
+output head), without gradient. They run on the *unwrapped* model, never through DDP:
+whether a forward runs is decided per process, and a wrapped forward could start
+collectives the other processes never join.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from safekeel.train.data import TrainingBatch
+from safekeel.train.objective import LazyLogits, lazy_masked_logits
+from safekeel.train.weights import TokenWeights, needs_reference
+
+
+class MissingReferenceError(RuntimeError):
+    """A weight policy set a KL weight although the run built no reference model."""
+
+
+class ReferenceModel(Protocol):
+    """Logits of the reference q for the response positions of a batch, without gradient."""
+
+    def response_logits(self, batch: TrainingBatch) -> LazyLogits: ...
+
+
+def _base_hidden(causal_lm: torch.nn.Module, batch: TrainingBatch) -> Tensor:
+    """Final-norm hidden states [B, T-1, H] from the transformer body, without the head."""
+    return causal_lm.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state[:, :-1]
+
+
+@dataclass
+class FrozenCopyReference:
+    """Full fine-tuning: a frozen copy of the initial model, in eval mode."""
+
+    model: torch.nn.Module
+
+    def response_logits(self, batch: TrainingBatch) -> LazyLogits:
+        with torch.no_grad():
+            hidden = _base_hidden(self.model, batch)
+        return lazy_masked_logits(hidden, self.model.get_output_embeddings(), batch.response_mask)
+
+
+@dataclass
+class AdapterDisabledReference:
+    """LoRA: the trained model itself with its adapter switched off, i.e. the base model.
+
+    Only the body runs inside `disable_adapter()`; the head is applied later, lazily, which
+    is exact because the head never carries an adapter (`LoraConfig.validate` refuses it).
+    The body runs in eval mode so that the reference is deterministic.
+    """
+
+    peft_model: Any  # peft.PeftModel, unwrapped (not the DDP/FSDP wrapper)
+
+    def response_logits(self, batch: TrainingBatch) -> LazyLogits:
+        causal_lm = self.peft_model.get_base_model()
+        was_training = causal_lm.training
+        causal_lm.eval()
+        try:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                hidden = _base_hidden(causal_lm, batch)
+        finally:
+            causal_lm.train(was_training)
+        return lazy_masked_logits(hidden, causal_lm.get_output_embeddings(), batch.response_mask)
+
+
+def build_reference(model: torch.nn.Module, device: torch.device) -> FrozenCopyReference:
+    """A frozen copy of the (not yet trained) model in eval mode: the safe reference."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return FrozenCopyReference(reference.to(device))
+
+
+@dataclass
+class SkippingReference:
+    """The reference as the loop uses it: run only where needed, and counted.
+
+    `model` is None for methods whose KL weight is always 0 (no reference was built).
+    `forwards_run` / `forwards_skipped` count this process's micro-batches since creation.
+    """
+
+    model: ReferenceModel | None
+    method: str
+    forwards_run: int = 0
+    forwards_skipped: int = 0
+
+    def logits_if_needed(self, batch: TrainingBatch, weights: TokenWeights) -> LazyLogits | None:
+        """The reference's logits, or None (forward skipped) when b(t) = 0 for every token."""
+        if not needs_reference(weights):
+            self.forwards_skipped += 1
+            return None
+        if self.model is None:
+            raise MissingReferenceError(
+                f"method {self.method!r} set a KL weight but has no reference"
+            )
+        self.forwards_run += 1
+        return self.model.response_logits(batch)
