@@ -61,16 +61,16 @@ class RunConfig:
     evaluate: EvaluateConfig = option(EvaluateConfig, help="Stage three.")
 
     def validate(self) -> None:
-        from safekeel.train.config import METHODS
+        from safekeel.train.config import METHODS, RISK_SIGNALS
 
         for spec in self.methods:
             method, _, signal = spec.partition(":")
             if method not in METHODS:
                 raise ConfigError(f"methods: unknown method {method!r} in {spec!r}; "
                                   f"allowed: {', '.join(METHODS)}")
-            if signal and signal not in ("critic", "probe", "max", "mean"):
+            if signal and signal not in RISK_SIGNALS:
                 raise ConfigError(f"methods: unknown risk signal {signal!r} in {spec!r}; "
-                                  "allowed: critic, probe, max, mean")
+                                  f"allowed: {', '.join(RISK_SIGNALS)}")
 
 
 @dataclass(frozen=True)
