@@ -244,7 +244,7 @@ def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> Evaluat
         benign_prompts=PromptSetConfig(name="world_benign",
                                        path=str(default.sets["eval_benign_overrefusal"])),
         tasks=[TaskConfig(name="world_tasks", path=str(default.sets["eval_tasks"]),
-                          reference="row", scorer="safekeel.data.world:score_response")],
+                          reference="row", scorer="safekeel.evaluate.prompts:world_task_scorer")],
         critic=replace(base.critic, model=str(default.guard), template=default.guard_template,
                        template_options=default.guard_template_options),
         max_new_tokens=settings.generation_tokens,
