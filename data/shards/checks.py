@@ -95,14 +95,15 @@ def check_batch_values(batch: pa.RecordBatch | pa.Table, shard: str, row_offset:
                 _fail(shard, spec.name, row_offset, ids, bad[0], bad[1])
 
     segments = [spec for spec in SEGMENT_COLUMNS if spec.name in names]
-    # Null and empty lists first, in name order, so each row's first problem is reported.
+    # Null or empty lists are reported before anything that reads their items.
     for spec in sorted(segments, key=lambda s: s.name):
         lists = column(spec.name)
         if lists.null_count:
             _fail(shard, spec.name, row_offset, ids, _first(pc.is_null(lists)), "is null")
         empty = _first(pc.equal(pc.list_value_length(lists), 0))
         if empty >= 0:
-            _fail(shard, spec.name, row_offset, ids, empty, "is empty (every response has a segment)")
+            problem = "is empty (every response has a segment)"
+            _fail(shard, spec.name, row_offset, ids, empty, problem)
     _check_equal_lengths(segments, column, shard, row_offset, ids)
     for spec in segments:
         _check_segment_items(spec, column(spec.name), shard, row_offset, ids)

@@ -1,4 +1,4 @@
-"""The risk column declarations drive the shard schema, its value checks and the trainer's inputs."""
+"""The risk column declarations drive the shard schema, its value checks, the trainer's inputs."""
 
 from __future__ import annotations
 
