@@ -61,16 +61,16 @@ class RunConfig:
     evaluate: EvaluateConfig = option(EvaluateConfig, help="Stage three.")
 
     def validate(self) -> None:
-        from safekeel.train.config import METHODS
+        from safekeel.train.config import METHODS, RISK_SIGNALS
 
         for spec in self.methods:
             method, _, signal = spec.partition(":")
             if method not in METHODS:
                 raise ConfigError(f"methods: unknown method {method!r} in {spec!r}; "
                                   f"allowed: {', '.join(METHODS)}")
-            if signal and signal not in ("critic", "probe", "max", "mean"):
+            if signal and signal not in RISK_SIGNALS:
                 raise ConfigError(f"methods: unknown risk signal {signal!r} in {spec!r}; "
-                                  "allowed: critic, probe, max, mean")
+                                  f"allowed: {', '.join(RISK_SIGNALS)}")
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> Evaluat
         benign_prompts=PromptSetConfig(name="world_benign",
                                        path=str(default.sets["eval_benign_overrefusal"])),
         tasks=[TaskConfig(name="world_tasks", path=str(default.sets["eval_tasks"]),
-                          reference="row", scorer="safekeel.data.world:score_response")],
+                          reference="row", scorer="safekeel.evaluate.prompts:world_task_scorer")],
         critic=replace(base.critic, model=str(default.guard), template=default.guard_template,
                        template_options=default.guard_template_options),
         max_new_tokens=settings.generation_tokens,

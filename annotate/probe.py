@@ -20,7 +20,6 @@ that split. A fitted probe is two files, never a pickle:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
+from safekeel.data.auroc import auroc
+from safekeel.data.files import file_sha256
 
 ProbeKind = Literal["logreg", "mlp"]
 PROBE_KINDS: tuple[str, ...] = ("logreg", "mlp")
@@ -66,29 +67,6 @@ def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     if not np.isfinite(scores).all():
         raise ProbeError("scores contain NaN or infinite values")
     return scores, labels.astype(bool)
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve from ranks (Mann-Whitney U); tied scores share their rank.
-
-    Equals the probability that a random positive scores above a random negative, ties
-    counting one half.
-    """
-    scores, labels = _check_scores_labels(scores, labels)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ProbeError(f"AUROC needs both classes; got {n_pos} positive, {n_neg} negative")
-    order = np.argsort(scores, kind="mergesort")
-    ordered = scores[order]
-    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.r_[starts[1:], len(ordered)]
-    mean_rank = (starts + ends + 1) / 2.0  # 1-based ranks start+1..end, averaged
-    ranks = np.empty(len(scores))
-    ranks[order] = mean_rank[group]
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def threshold_for_recall(scores: np.ndarray, labels: np.ndarray, target_recall: float) -> float:
@@ -400,14 +378,10 @@ def save_probe(probe: Probe, directory: str | Path) -> Path:
         "metrics": probe.report.to_dict() if probe.report is not None else None,
         "training": probe.training,
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256_file(weights_path),
+        "weights_sha256": file_sha256(weights_path),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return directory
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -499,7 +473,7 @@ def load_probe(
     _check_expected(meta_path, meta, expected_model, expected_layers, expected_pooling)
     if not weights_path.is_file():
         raise ProbeError(f"{weights_path}: no such file (named by {meta_path})")
-    if meta.get("weights_sha256") and _sha256_file(weights_path) != meta["weights_sha256"]:
+    if meta.get("weights_sha256") and file_sha256(weights_path) != meta["weights_sha256"]:
         raise ProbeError(
             f"{weights_path}: its sha256 differs from field 'weights_sha256' in {meta_path}; "
             "the two files do not belong together"

@@ -23,7 +23,8 @@ from safekeel.annotate.probe import (
     save_probe,
 )
 from safekeel.data.config import ConfigError, option, save_resolved
-from safekeel.data.shards import PROBE_COLUMN, file_sha256
+from safekeel.data.files import file_sha256
+from safekeel.data.risk_columns import PROBE_COLUMN
 
 
 @dataclass

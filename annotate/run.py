@@ -25,11 +25,10 @@ from tqdm.auto import tqdm
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import config_hash, save_resolved
 from safekeel.data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
+from safekeel.data.risk_columns import column as risk_column
 from safekeel.data.shards import (
     ID_COLUMN,
     MESSAGES_COLUMN,
-    STAR_ENDS_COLUMN,
-    STAR_VALUES_COLUMN,
     Manifest,
     Provenance,
     ShardWriter,
@@ -259,8 +258,9 @@ HISTOGRAM_BINS = 10
 def score_summary(out: Path, columns: set[str]) -> dict[str, dict[str, Any]]:
     """Mean and a 10-bin histogram on [0, 1] of every risk score in the finished shards.
 
-    Scanned lazily with polars, so it costs a pass over the score columns only. STAR lists
-    are summarised over all their segment values.
+    Scanned lazily with polars, so it costs a pass over the score columns only. Segment
+    columns (STAR) are summarised over all their segment values; columns that are not scores
+    on [0, 1] (STAR's token ends) are left out.
     """
     import polars as pl
 
@@ -270,10 +270,11 @@ def score_summary(out: Path, columns: set[str]) -> dict[str, dict[str, Any]]:
     frame = pl.scan_parquet(files)
     summary = {}
     for column in sorted(columns):
-        if column == STAR_ENDS_COLUMN:
+        spec = risk_column(column)
+        if (spec.low, spec.high) != (0, 1):
             continue
         values = frame.select(pl.col(column))
-        if column == STAR_VALUES_COLUMN:
+        if spec.granularity == "segment":
             values = values.explode(column)
         series = values.collect()[column].drop_nulls()
         bins = (series * HISTOGRAM_BINS).floor().clip(0, HISTOGRAM_BINS - 1).cast(pl.Int64)

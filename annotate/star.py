@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+from safekeel.data.risk_columns import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 from safekeel.data.tokenization import prompt_and_response_ids
 
 

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
+from safekeel.data.auroc import auroc
+from safekeel.data.risk_columns import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 from safekeel.data.tiny_models import build_tiny_llama, build_word_tokenizer, save_tiny_model
 from safekeel.data.world import (
     World,
@@ -393,27 +394,6 @@ def measure_policy(policy_dir: Path, world: World, max_new_tokens: int) -> dict[
             "benign": [world.eval_benign_overrefusal[0]["messages"][0]["content"], benign[0]],
         },
     }
-
-
-def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties half."""
-    pos = [s for s, p in zip(scores, positives, strict=True) if p]
-    neg = [s for s, p in zip(scores, positives, strict=True) if not p]
-    if not pos or not neg:
-        raise ValueError("auroc needs at least one positive and one negative example")
-    # rank-sum form (Mann-Whitney U) with average ranks for ties: O(n log n)
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    rank_sum = sum(r for r, p in zip(ranks, positives, strict=True) if p)
-    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
 def harmful_start_token(response: str, harmful_start_char: int) -> int:

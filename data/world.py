@@ -834,7 +834,3 @@ def write_jsonl(examples: Iterable[WorldExample], path: str | Path) -> Path:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     return path
 
-
-def score_response(prediction: str, reference: dict) -> bool:
-    """`check_answer` as an evaluation scorer: (model response, the task's row) -> correct."""
-    return check_answer(reference, prediction)

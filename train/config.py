@@ -6,10 +6,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from safekeel.data.config import ConfigError, option
+from safekeel.data.risk_columns import RISK_SIGNALS
 from safekeel.data.tokenization import TokenizationConfig
 
+# The names a config may choose, listed once here (torch-free, so --help stays fast); the
+# weight policies and schedules of train.weights carry the same names (a test holds them
+# equal). The risk signals come from the per-example risk columns (data.risk_columns).
 METHODS = ("sft", "constant_kl", "filter", "downweight", "adaptive", "adaptive_example",
            "star_dss")
+BATCH_AGGREGATES = ("mean", "max")
+SCHEDULE_KINDS = ("paper", "linear", "step", "sigmoid")
+Method = Literal[METHODS]
+RiskSignal = Literal[RISK_SIGNALS]
+BatchAggregate = Literal[BATCH_AGGREGATES]
+ScheduleKind = Literal[SCHEDULE_KINDS]
 
 # Llama-style attention and MLP projections: the usual LoRA targets.
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -63,12 +73,12 @@ class LoraConfig:
 
 @dataclass
 class RiskConfig:
-    signal: Literal["critic", "probe", "max", "mean"] = option(
+    signal: RiskSignal = option(
         "critic", help="Which risk column drives the weights: the critic's P(unsafe), the "
         "probe's P(harmful), or their max / mean.")
-    aggregate: Literal["mean", "max"] = option(
+    aggregate: BatchAggregate = option(
         "mean", help="adaptive: batch risk = mean (the paper) or max of the examples' risks.")
-    schedule: Literal["paper", "linear", "step", "sigmoid"] = option(
+    schedule: ScheduleKind = option(
         "paper", help="adaptive*: risk -> KL weight w. paper: r = 1 + 4p on the 1..5 scale, "
         "w = clip((r - 2) / 3, 0.1, 0.9); linear/step/sigmoid: see schedule_options.")
     schedule_options: dict[str, float] = option(
@@ -102,8 +112,7 @@ class TrainConfig:
     policy: str = option("", help="The model to fine-tune (HF dir, hub name, or "
                          "smollm2-135m-instruct); its frozen copy is the safe reference.")
     trust_remote_code: bool = option(False, help="Allow model code from the hub.")
-    method: Literal["sft", "constant_kl", "filter", "downweight", "adaptive",
-                    "adaptive_example", "star_dss"] = option(
+    method: Method = option(
         "adaptive", help="How risk turns into per-token CE and KL weights.")
     kl: KLConfig = option(KLConfig, help="KL term.")
     risk: RiskConfig = option(RiskConfig, help="How the risk columns set the weights.")

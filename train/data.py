@@ -34,23 +34,21 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from safekeel.data.shards import (
-    CRITIC_COLUMN,
-    ID_COLUMN,
-    MESSAGES_COLUMN,
-    PROBE_COLUMN,
+from safekeel.data.risk_columns import (
+    EXAMPLE_COLUMNS,
+    RISK_COLUMN_NAMES,
+    RISK_COLUMNS,
     STAR_ENDS_COLUMN,
     STAR_VALUES_COLUMN,
-    RowGroupRef,
-    ShardReader,
 )
+from safekeel.data.shards import ID_COLUMN, MESSAGES_COLUMN, RowGroupRef, ShardReader
 from safekeel.data.tokenization import (
     IGNORE_INDEX,
     TokenizationConfig,
@@ -59,12 +57,9 @@ from safekeel.data.tokenization import (
 )
 from safekeel.train.weights import star_tokens_for_batch
 
-RISK_COLUMNS_READ: tuple[str, ...] = (
-    CRITIC_COLUMN,
-    PROBE_COLUMN,
-    STAR_VALUES_COLUMN,
-    STAR_ENDS_COLUMN,
-)
+# Every declared risk column can be streamed; `TrainingExample` has a field of the same name
+# for each (a test holds them equal).
+RISK_COLUMNS_READ: tuple[str, ...] = RISK_COLUMN_NAMES
 
 
 class StreamConfigError(ValueError):
@@ -118,8 +113,7 @@ class TrainingBatch:
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         moved: dict[str, Any] = {}
-        for name in ("input_ids", "attention_mask", "labels", "response_mask", "target_ids",
-                     "critic_p_unsafe", "probe_p_harmful", "star_v_safe_tokens"):
+        for name in (f.name for f in fields(self) if f.name != "ids"):  # every tensor
             value = getattr(self, name)
             moved[name] = None if value is None else value.to(device)
         return replace(self, **moved)
@@ -151,9 +145,9 @@ def collate(examples: Sequence[TrainingExample], pad_token_id: int) -> TrainingB
             raise StreamConfigError(f"column {name!r} is set for some examples but not others")
         return torch.tensor(values, dtype=torch.float32)
 
-    star = None
-    v_rows = [e.star_v_safe for e in examples]
-    end_rows = [e.star_token_ends for e in examples]
+    star = None  # the one segment producer so far: STAR's values spread over the tokens
+    v_rows = [getattr(e, STAR_VALUES_COLUMN) for e in examples]
+    end_rows = [getattr(e, STAR_ENDS_COLUMN) for e in examples]
     if any(v is not None for v in v_rows):
         if any(v is None for v in v_rows) or any(e is None for e in end_rows):
             raise StreamConfigError("STAR columns are set for some examples but not others")
@@ -165,9 +159,8 @@ def collate(examples: Sequence[TrainingExample], pad_token_id: int) -> TrainingB
         labels=labels,
         response_mask=response_mask,
         target_ids=target_ids,
-        critic_p_unsafe=per_example("critic_p_unsafe"),
-        probe_p_harmful=per_example("probe_p_harmful"),
         star_v_safe_tokens=star,
+        **{column.name: per_example(column.name) for column in EXAMPLE_COLUMNS},
     )
 
 
@@ -265,10 +258,7 @@ class TrainingStream:
             id=row[ID_COLUMN],
             input_ids=tokenized.input_ids,
             labels=tokenized.labels,
-            critic_p_unsafe=row.get(CRITIC_COLUMN),
-            probe_p_harmful=row.get(PROBE_COLUMN),
-            star_v_safe=row.get(STAR_VALUES_COLUMN),
-            star_token_ends=row.get(STAR_ENDS_COLUMN),
+            **{name: row.get(name) for name in RISK_COLUMNS_READ},
         )
 
     def iter_examples(self, epoch: int) -> Iterator[TrainingExample]:
@@ -287,10 +277,8 @@ class TrainingStream:
             id="",
             input_ids=[self.pad_token_id, self.pad_token_id],
             labels=[IGNORE_INDEX, IGNORE_INDEX],
-            critic_p_unsafe=0.0 if CRITIC_COLUMN in self.risk_columns else None,
-            probe_p_harmful=0.0 if PROBE_COLUMN in self.risk_columns else None,
-            star_v_safe=[] if STAR_VALUES_COLUMN in self.risk_columns else None,
-            star_token_ends=[] if STAR_ENDS_COLUMN in self.risk_columns else None,
+            **{c.name: (0.0 if c.granularity == "example" else [])
+               for c in RISK_COLUMNS if c.name in self.risk_columns},
         )
         batch = collate([filler], self.pad_token_id)
         # Attend to the padding so no attention row is fully masked (which can give NaN).

@@ -53,7 +53,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -70,6 +69,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
+from safekeel.data.files import atomic_write_json
 from safekeel.data.models import load_causal_lm, load_tokenizer
 from safekeel.data.shards import ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
@@ -337,12 +337,6 @@ def _resume_key(cfg: TrainConfig, world_size: int, total_steps: int) -> dict[str
         "world_size": world_size,
         "lora": to_dict(cfg.lora) if cfg.lora.enabled else None,
     }
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _truncate_log(log_path: Path, keep_through_step: int) -> None:
@@ -848,7 +842,7 @@ def save_checkpoint(
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json_atomic(
+        atomic_write_json(
             path / TRAINER_STATE_NAME, {"step": step, "resume_key": resume_key}
         )
     accelerator.wait_for_everyone()
@@ -859,7 +853,7 @@ def save_rank_summary(
     accelerator: Accelerator, trained: TrainedModel, paths: OutputPaths, steps: int
 ) -> None:
     """`record_ranks`: this process's world size, steps and final-parameter checksum."""
-    _write_json_atomic(paths.rank_dir / RANK_SUMMARY_NAME, {
+    atomic_write_json(paths.rank_dir / RANK_SUMMARY_NAME, {
         "rank": accelerator.process_index,
         "world_size": accelerator.num_processes,
         "steps": steps,

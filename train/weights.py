@@ -34,29 +34,22 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, get_args
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-# Shard columns (see DESIGN.md, section 2). The policies read the per-example ones
-# directly; STAR's per-segment lists arrive already expanded to tokens.
-CRITIC_COLUMN = "critic_p_unsafe"
-PROBE_COLUMN = "probe_p_harmful"
-STAR_VALUE_COLUMN = "star_v_safe"
-STAR_ENDS_COLUMN = "star_token_ends"
+from safekeel.data.risk_columns import (
+    COMBINED_SIGNALS,
+    RISK_SIGNALS,
+    STAR_ENDS_COLUMN,
+    STAR_VALUES_COLUMN,
+    signal_columns,
+)
+from safekeel.train.config import BATCH_AGGREGATES, BatchAggregate, RiskSignal
 
-RiskSignal = Literal["critic", "probe", "max", "mean"]
-BatchAggregate = Literal["mean", "max"]
-RISK_SIGNALS: tuple[str, ...] = get_args(RiskSignal)
-BATCH_AGGREGATES: tuple[str, ...] = get_args(BatchAggregate)
-
-_SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
-    "critic": (CRITIC_COLUMN,),
-    "probe": (PROBE_COLUMN,),
-    "max": (CRITIC_COLUMN, PROBE_COLUMN),
-    "mean": (CRITIC_COLUMN, PROBE_COLUMN),
-}
+# The policies read the per-example risk columns (data.risk_columns) directly; STAR's
+# per-segment lists arrive already expanded to tokens (`expand_star_to_tokens`).
 
 
 class WeightPolicyConfigError(ValueError):
@@ -324,15 +317,13 @@ def _finish(
 
 
 def example_risk(signal: str, mask: Tensor, risks: RiskInputs) -> Tensor:
-    """Per-example risk [B] from the chosen signal: critic, probe, or their max or mean."""
+    """Per-example risk [B] from the chosen signal: one per-example column, or their max or mean."""
     _check_choice("risk", "signal", signal, RISK_SIGNALS)
-    if signal == "critic":
-        return _example_column(CRITIC_COLUMN, risks.critic_p_unsafe, mask)
-    if signal == "probe":
-        return _example_column(PROBE_COLUMN, risks.probe_p_harmful, mask)
-    critic = _example_column(CRITIC_COLUMN, risks.critic_p_unsafe, mask)
-    probe = _example_column(PROBE_COLUMN, risks.probe_p_harmful, mask)
-    return torch.maximum(critic, probe) if signal == "max" else (critic + probe) / 2
+    columns = [_example_column(name, getattr(risks, name), mask) for name in signal_columns(signal)]
+    if signal not in COMBINED_SIGNALS:
+        return columns[0]
+    stacked = torch.stack(columns)
+    return stacked.max(dim=0).values if signal == "max" else stacked.mean(dim=0)
 
 
 def aggregate_batch_risk(risk: Tensor, mask: Tensor, how: str) -> Tensor:
@@ -444,7 +435,7 @@ class FilterPolicy(_Policy):
 
     @property
     def required_columns(self) -> tuple[str, ...]:
-        return _SIGNAL_COLUMNS[self.signal]
+        return signal_columns(self.signal)
 
     def _flagged_weight(self) -> float:
         return 0.0
@@ -490,7 +481,7 @@ class AdaptiveBatchPolicy(_Policy):
 
     @property
     def required_columns(self) -> tuple[str, ...]:
-        return _SIGNAL_COLUMNS[self.signal]
+        return signal_columns(self.signal)
 
     def _weights(self, mask: Tensor, risks: RiskInputs) -> TokenWeights:
         risk = aggregate_batch_risk(example_risk(self.signal, mask, risks), mask, self.aggregate)
@@ -512,7 +503,7 @@ class AdaptiveExamplePolicy(_Policy):
 
     @property
     def required_columns(self) -> tuple[str, ...]:
-        return _SIGNAL_COLUMNS[self.signal]
+        return signal_columns(self.signal)
 
     def _weights(self, mask: Tensor, risks: RiskInputs) -> TokenWeights:
         risk = example_risk(self.signal, mask, risks)
@@ -532,14 +523,14 @@ class StarDSSPolicy(_Policy):
 
     @property
     def required_columns(self) -> tuple[str, ...]:
-        return (STAR_VALUE_COLUMN, STAR_ENDS_COLUMN)
+        return (STAR_VALUES_COLUMN, STAR_ENDS_COLUMN)
 
     def _weights(self, mask: Tensor, risks: RiskInputs) -> TokenWeights:
         star = risks.star_v_safe_tokens
         if star is None:
             raise RiskInputError(
                 "star_dss needs per-token STAR values (star_v_safe_tokens, built from columns "
-                f"{STAR_VALUE_COLUMN!r} and {STAR_ENDS_COLUMN!r}), which the batch lacks"
+                f"{STAR_VALUES_COLUMN!r} and {STAR_ENDS_COLUMN!r}), which the batch lacks"
             )
         star = torch.as_tensor(star).to(device=mask.device, dtype=torch.float32)
         if star.shape != mask.shape:
@@ -606,13 +597,13 @@ def expand_star_to_tokens(
     """
     if len(v_safe) != len(token_ends):
         raise RiskInputError(
-            f"{STAR_VALUE_COLUMN} has {len(v_safe)} values but {STAR_ENDS_COLUMN} has "
+            f"{STAR_VALUES_COLUMN} has {len(v_safe)} values but {STAR_ENDS_COLUMN} has "
             f"{len(token_ends)} ends"
         )
     if n_response_tokens < 0:
         raise RiskInputError(f"n_response_tokens must be >= 0, got {n_response_tokens}")
     if n_response_tokens > 0 and not v_safe:
-        raise RiskInputError(f"{STAR_VALUE_COLUMN} is empty but the response has tokens")
+        raise RiskInputError(f"{STAR_VALUES_COLUMN} is empty but the response has tokens")
     ends = [int(e) for e in token_ends]
     if ends and ends[0] < 1:
         raise RiskInputError(f"{STAR_ENDS_COLUMN} must start at >= 1, got {ends[0]}")
@@ -623,7 +614,7 @@ def expand_star_to_tokens(
                 f"{ends[k]} after {ends[k - 1]}"
             )
     values = torch.tensor([float(v) for v in v_safe], dtype=torch.float32)
-    _check_probability_tensor(STAR_VALUE_COLUMN, values)
+    _check_probability_tensor(STAR_VALUES_COLUMN, values)
     if n_response_tokens == 0:
         return torch.zeros(0, dtype=torch.float32)
     # Segment of token i = number of ends <= i; tokens past the last end stay in the last.

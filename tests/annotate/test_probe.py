@@ -23,7 +23,6 @@ from safekeel.annotate.probe import (
     META_FILE,
     WEIGHTS_FILE,
     ProbeError,
-    auroc,
     binary_metrics,
     fit_probe,
     fit_probe_from_files,
@@ -51,32 +50,7 @@ def gaussian_features(n: int, dim: int, shift: float, seed: int) -> tuple[np.nda
     return features.astype(np.float32), labels
 
 
-def pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Brute force: share of (positive, negative) pairs ordered right, ties counting 1/2."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
-
-
 # --------------------------------------------------------------------------- metrics
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_auroc_matches_pairwise_count_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 6, size=60).astype(float)  # many ties
-    labels = rng.integers(0, 2, size=60)
-    assert auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels), abs=1e-12)
-
-
-def test_auroc_hand_cases():
-    labels = np.array([0, 0, 1, 1])
-    assert auroc(np.array([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
-    assert auroc(np.array([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
-    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
-    assert auroc(np.array([0.1, 0.3, 0.2, 0.4]), labels) == 0.75
-    with pytest.raises(ProbeError, match="both classes"):
-        auroc(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
 def test_threshold_for_recall_hand_case():

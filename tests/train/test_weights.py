@@ -398,3 +398,15 @@ def test_star_tokens_for_batch_places_values_on_response_positions():
 def test_star_tokens_for_batch_names_the_bad_row():
     with pytest.raises(RiskInputError, match="row 1"):
         star_tokens_for_batch([[0.9], [0.1, 0.6], [0.3]], [[2], [2, 1], [1]], MASK)
+
+
+def test_config_choices_are_the_policies_schedules_and_aggregates_that_exist():
+    # The names are listed once in train.config (torch-free); the implementations must match.
+    from safekeel.train.config import BATCH_AGGREGATES, METHODS, SCHEDULE_KINDS
+    from safekeel.train.weights import POLICIES, SCHEDULES, aggregate_batch_risk
+
+    assert tuple(POLICIES) == METHODS
+    assert tuple(SCHEDULES) == SCHEDULE_KINDS
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    for how in BATCH_AGGREGATES:
+        aggregate_batch_risk(torch.tensor([0.2, 0.6]), mask, how)

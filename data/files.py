@@ -1,0 +1,60 @@
+"""File helpers every stage shares: a file's sha256 and writes that never leave half a file.
+
+An atomic write goes through a hidden temporary file beside the target (`.NAME.tmp`: hidden
+and not ending in the target's suffix, so no glob or dataset reader picks it up) and an
+`os.replace` onto the target, so a reader sees the old content or the new, never a part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (memory stays bounded for large files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before the rename that makes it visible."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename durable; best effort (not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file, fsynced, then renamed in place."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any, *, indent: int = 2) -> Path:
+    """`payload` as indented JSON with a final newline, written atomically."""
+    return atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
