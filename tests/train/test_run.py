@@ -426,7 +426,16 @@ def test_fp16_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="mixed_precision: 'fp16' needs a GPU"):
         run_module.resolve_mixed_precision("fp16")
-    assert run_module.resolve_mixed_precision("auto") == "no"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_is_bf16_only_where_native(monkeypatch, native):
+    from safekeel.data import precision
+
+    monkeypatch.setattr(precision, "cuda_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_flags",
+                        lambda: frozenset({"avx2", *(["avx512_bf16"] if native else [])}))
+    assert run_module.resolve_mixed_precision("auto") == ("bf16" if native else "no")
 
 
 def test_risk_options_reach_the_weight_policy():
