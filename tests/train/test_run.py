@@ -72,7 +72,9 @@ def make_config(policy_dir, shards_dir, out, **kw) -> TrainConfig:
     values = {"policy": str(policy_dir), "shards": str(shards_dir), "output_dir": str(out),
               "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
               "learning_rate": 1e-2, "tokenization": {"max_length": 64},
-              "progress_bar": False, "save_every": 0, **kw}
+              # float32 everywhere: "auto" would autocast to bf16 on a CPU that has it, and
+              # the exact-equality tests below compare float32 sums
+              "mixed_precision": "no", "progress_bar": False, "save_every": 0, **kw}
     return from_dict(TrainConfig, values)
 
 
