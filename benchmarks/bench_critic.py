@@ -25,7 +25,7 @@ the generic one-line yes/no template (`--template generic`: almost no shared pre
 
     python benchmarks/bench_critic.py                     # 128 Llama Guard 3 rows
     python benchmarks/bench_critic.py --template generic --rows 512
-    python benchmarks/bench_critic.py --quick             # 8 rows, a smoke run
+    python benchmarks/bench_critic.py --quick             # 4 short rows, a smoke run
 """
 
 from __future__ import annotations
@@ -114,18 +114,20 @@ def generate_and_parse(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=None, help="default 128; 8 with --quick")
+    parser.add_argument("--rows", type=int, default=None, help="default 128; 4 with --quick")
     parser.add_argument("--template", choices=("llama_guard_3", "generic"),
                         default="llama_guard_3")
     parser.add_argument("--block-size", type=int, default=32,
                         help="vLLM KV block: the prefix cache reuses whole blocks only")
-    parser.add_argument("--words", type=int, default=70, help="response words (~128 tokens)")
+    parser.add_argument("--words", type=int, default=None,
+                        help="response words (default 70, ~128 tokens; 20 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     add_common_arguments(parser)
     args = parser.parse_args()
-    if args.rows is None:
-        args.rows = 8 if args.quick else 128
+    args.rows = args.rows or (4 if args.quick else 128)
+    args.words = args.words or (20 if args.quick else 70)
+    warm = 2 if args.quick else 8  # warm-up rows
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = pick_dtype(args.dtype)
     # Measured first: once an in-process vLLM engine has bound its OpenMP threads, torch
@@ -145,7 +147,7 @@ def main() -> None:
     say("transformers: loading the guard")
     with PeakRSS() as peak_rss:
         forward = TransformersCritic(settings)
-        forward.score(convs[:8])  # warm-up
+        forward.score(convs[:warm])  # warm-up
         say(f"transformers forward: scoring {rows} rows")
         result = forward.score(convs)
     memory["forward"] = peak_rss.peak_mib
@@ -170,6 +172,7 @@ def main() -> None:
 
     vllm_settings = CriticSettings(**{**settings.__dict__, "batch_size": args.rows,
                                       "distributed_executor_backend": "uni",
+                                      "enforce_eager": args.quick,  # smoke: no compilation
                                       "enable_prefix_caching": True,
                                       "block_size": args.block_size})
     say("vllm: starting the engine")
@@ -177,7 +180,7 @@ def main() -> None:
         started = time.perf_counter()
         engine = VLLMCritic(vllm_settings)
         startup = time.perf_counter() - started
-        engine.score(convs[:8])  # warm-up
+        engine.score(convs[:warm])  # warm-up
         say(f"vllm: scoring {rows} rows")
         result = engine.score(convs)
     memory["vllm"] = peak_rss.peak_mib

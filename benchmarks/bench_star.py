@@ -82,7 +82,8 @@ def main() -> None:
     warm = warm[:args.responses]
     base = {"model": MODEL, "template": "generic", "template_options": TEMPLATE_OPTIONS,
             "dtype": dtype, "batch_size": 1024, "progress": False,
-            "distributed_executor_backend": "uni"}
+            "distributed_executor_backend": "uni",
+            "enforce_eager": args.quick}  # a smoke run skips graph compilation
 
     memory = {}
 

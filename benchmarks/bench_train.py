@@ -463,13 +463,14 @@ def main() -> None:
     for name, result in results.items():
         if not result["matmul_peaks"]:
             continue
-        if name.startswith("trl"):
-            tokens_per_s, flops = rates(result, result["real_tokens"], result["response_tokens"])
-        else:
-            tokens_per_s, flops = rates(result, real, response)
+        own = (result["real_tokens"], result["response_tokens"]) if name.startswith("trl") \
+            else (real, response)
+        tokens_per_s, flops = rates(result, *own)
         speed[name] = tokens_per_s
         (precision, peak), = result["matmul_peaks"].items()
-        print(f"  {name:28s} {tokens_per_s:8.0f} tokens/s  {flops / 1e9:7.1f} GFLOP/s = "
+        # each trainer's own count of the tokens it was given (TRL tokenises by itself)
+        print(f"  {name:28s} {tokens_per_s:8.0f} tokens/s ({sum(measured(own[0]))} real, "
+              f"{sum(measured(own[1]))} response)  {flops / 1e9:7.1f} GFLOP/s = "
               f"{flops / peak:4.0%} of {peak / 1e9:.0f} GFLOP/s ({precision})   target >= 80%")
     trl_name = f"trl sft {dtype}"
     if trl_name in speed:
