@@ -23,7 +23,7 @@ by default (its category list makes every guard prompt start with the same ~250 
 which vLLM's prefix cache computes once; the transformers baselines cannot skip them), or
 the generic one-line yes/no template (`--template generic`: almost no shared prefix).
 
-    python benchmarks/bench_critic.py                     # 128 Llama Guard 3 rows
+    python benchmarks/bench_critic.py                     # 96 Llama Guard 3 rows
     python benchmarks/bench_critic.py --template generic --rows 512
     python benchmarks/bench_critic.py --quick             # 4 short rows, a smoke run
 """
@@ -114,7 +114,7 @@ def generate_and_parse(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=None, help="default 128; 4 with --quick")
+    parser.add_argument("--rows", type=int, default=None, help="default 96; 4 with --quick")
     parser.add_argument("--template", choices=("llama_guard_3", "generic"),
                         default="llama_guard_3")
     parser.add_argument("--block-size", type=int, default=32,
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     add_common_arguments(parser)
     args = parser.parse_args()
-    args.rows = args.rows or (4 if args.quick else 128)
+    args.rows = args.rows or (4 if args.quick else 96)
     args.words = args.words or (20 if args.quick else 70)
     warm = 2 if args.quick else 8  # warm-up rows
     torch.set_num_threads(os.cpu_count() or 1)

@@ -336,7 +336,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help=f"'tiny', {SMOLLM2!r} or a path (default {SMOLLM2}; tiny with --quick)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="measured steps per configuration (default 6; 2 with --quick)")
+                        help="measured steps per configuration (default 5; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="steps left out of the medians (default 1)")
     parser.add_argument("--batch", type=int, default=None, help="rows a step (default 4)")
@@ -347,7 +347,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick = args.quick
-    for name, full, small in (("model", SMOLLM2, "tiny"), ("steps", 6, 2), ("warmup", 1, 1),
+    for name, full, small in (("model", SMOLLM2, "tiny"), ("steps", 5, 2), ("warmup", 1, 1),
                               ("batch", 4, 2), ("max_length", 256, 64)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
