@@ -140,7 +140,8 @@ def tail_log(path: Path, total: int, stop: threading.Event) -> None:
     seen = 0
     while True:
         stopped = stop.wait(0.5)
-        lines = path.read_text().splitlines() if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+        lines = text.split("\n")[:-1]  # whole lines only: the trainer may be mid-write
         for line in lines[seen:]:
             record = json.loads(line)
             report_progress(f"step {record['step']}/{total}  {record['step_seconds']:.2f} s")
