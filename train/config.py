@@ -130,8 +130,9 @@ class TrainConfig:
     per_device_batch_size: int = option(8, help="Examples per micro-batch per process.")
     gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
-        "auto", help="Autocast dtype. auto: bf16 on GPUs that have it, else fp16 on GPU; "
-        "no (fp32) on CPU.")
+        "auto", help="Autocast dtype. auto: bf16 where it is native (GPUs with bf16; CPUs "
+        "with AVX512-BF16, AMX or Arm BF16), fp16 on other GPUs, no (fp32) on other CPUs. "
+        "bf16 on a CPU that emulates it warns: it runs many times slower there.")
     chunk_size: int = option(1024, help="Response positions per fp32 log-softmax chunk "
                              "(bounds the memory of the loss).")
     shuffle_buffer: int = option(256, help="Rows in each process's shuffle buffer.")

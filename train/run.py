@@ -68,6 +68,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from safekeel.data import precision
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.files import atomic_write_json
 from safekeel.data.models import load_causal_lm, load_tokenizer
@@ -173,15 +174,11 @@ def linear_warmup_schedule(total_steps: int, warmup_steps: int):
 
 
 def resolve_mixed_precision(choice: str) -> str:
-    """The accelerate `mixed_precision` for a config value; fp16 without a GPU is refused."""
-    has_cuda = torch.cuda.is_available()
-    if choice == "auto":
-        if not has_cuda:
-            return "no"  # CPU autocast changes numerics for little gain on small models
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice == "fp16" and not has_cuda:
-        raise ConfigError("mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
-    return choice
+    """The accelerate `mixed_precision` for a config value (see `data.precision`)."""
+    try:
+        return precision.resolve_mixed_precision(choice)
+    except ValueError as err:  # fp16 without a GPU
+        raise ConfigError(str(err)) from None
 
 
 def tracker_name(report_to: str) -> str | None:

@@ -72,7 +72,9 @@ def make_config(policy_dir, shards_dir, out, **kw) -> TrainConfig:
     values = {"policy": str(policy_dir), "shards": str(shards_dir), "output_dir": str(out),
               "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
               "learning_rate": 1e-2, "tokenization": {"max_length": 64},
-              "progress_bar": False, "save_every": 0, **kw}
+              # float32 everywhere: "auto" would autocast to bf16 on a CPU that has it, and
+              # the exact-equality tests below compare float32 sums
+              "mixed_precision": "no", "progress_bar": False, "save_every": 0, **kw}
     return from_dict(TrainConfig, values)
 
 
@@ -426,7 +428,16 @@ def test_fp16_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="mixed_precision: 'fp16' needs a GPU"):
         run_module.resolve_mixed_precision("fp16")
-    assert run_module.resolve_mixed_precision("auto") == "no"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_is_bf16_only_where_native(monkeypatch, native):
+    from safekeel.data import precision
+
+    monkeypatch.setattr(precision, "cuda_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_flags",
+                        lambda: frozenset({"avx2", *(["avx512_bf16"] if native else [])}))
+    assert run_module.resolve_mixed_precision("auto") == ("bf16" if native else "no")
 
 
 def test_risk_options_reach_the_weight_policy():
