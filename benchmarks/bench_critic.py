@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch
 
-from safekeel.data.critic import CriticSettings, TransformersCritic, VLLMCritic
+from safekeel.data.guard.critic import GuardSettings, TransformersCritic, VLLMCritic
 
 GENERATE_LENGTHS = (4, 8)  # new tokens: a label word; a full Llama Guard 3 verdict
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -141,7 +141,7 @@ def main() -> None:
 
     convs = conversations(args.rows, args.words)
     options = TEMPLATE_OPTIONS if args.template == "generic" else {}
-    settings = CriticSettings(model=args.model, template=args.template,
+    settings = GuardSettings(model=args.model, template=args.template,
                               template_options=options, dtype="bfloat16",
                               batch_size=args.batch_size, progress=False)
 
@@ -162,7 +162,7 @@ def main() -> None:
                                   .token_ids)
     forward.close()
 
-    vllm_settings = CriticSettings(**{**settings.__dict__, "batch_size": args.rows,
+    vllm_settings = GuardSettings(**{**settings.__dict__, "batch_size": args.rows,
                                       "distributed_executor_backend": "uni",
                                       "enable_prefix_caching": True,
                                       "block_size": args.block_size})

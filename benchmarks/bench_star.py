@@ -27,7 +27,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 from safekeel.annotate.star import StarAnnotator
-from safekeel.data.critic import CriticSettings, VLLMCritic
+from safekeel.data.guard.critic import GuardSettings, VLLMCritic
 from safekeel.data.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -77,7 +77,7 @@ def main() -> None:
 
     def measure(caching: bool) -> dict[str, float]:
         """Times on one engine; engines run one after another (see data/critic.py)."""
-        settings = CriticSettings(**base, enable_prefix_caching=caching,
+        settings = GuardSettings(**base, enable_prefix_caching=caching,
                                   block_size=32 if caching else None)
         critic = VLLMCritic(settings)
         star = StarAnnotator(critic, tokenizer, args.segment)

@@ -131,7 +131,7 @@ GENERIC_GUARD = {
 
 def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny_guard_dir,
                                                    tmp_path):
-    from safekeel.data.critic import CriticSettings, make_critic
+    from safekeel.data.guard.critic import GuardSettings, make_critic
     from safekeel.data.shards import CRITIC_COLUMN, STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 
     out = tmp_path / "out"
@@ -144,7 +144,7 @@ def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny
     assert reader.provenance.star_segment_size == 2
     rows = read_rows(out).to_dicts()
     # the shard holds what the critic gives for the same conversations, scored on their own
-    with make_critic(CriticSettings(**{**critic_cfg, "progress": False})) as critic:
+    with make_critic(GuardSettings(**{**critic_cfg, "progress": False})) as critic:
         expected = critic.score([r["messages"] for r in rows]).p_unsafe
     assert [r[CRITIC_COLUMN] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
     for row in rows:
