@@ -153,6 +153,40 @@ def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny
         assert row[STAR_VALUES_COLUMN][-1] == pytest.approx(1 - row[CRITIC_COLUMN], abs=1e-5)
 
 
+def test_critic_and_star_get_the_guard_settings_unchanged(corpus_path, policy_dir,
+                                                         tiny_guard_dir, tmp_path, monkeypatch):
+    """One settings object serves the critic column and STAR; the engine is asked for the
+    STAR role (prefix caching) instead of the settings being rewritten."""
+    from transformers import AutoTokenizer
+
+    from safekeel.annotate.star import StarAnnotator
+    from safekeel.data.guard import critic as critic_module
+
+    built = []
+    real_make_critic = critic_module.make_critic
+
+    def recording_make_critic(settings, *, star=False):
+        built.append((settings, star))
+        return real_make_critic(settings, star=star)
+
+    monkeypatch.setattr(critic_module, "make_critic", recording_make_critic)
+    guard = {"model": str(tiny_guard_dir), **GENERIC_GUARD, "enforce_eager": True,
+             "max_model_len": 200}
+    cfg = config(corpus_path, policy_dir, tmp_path, critic=guard,
+                 star={"enabled": True, "segment_tokens": 2})
+    annotators = run_module.build_annotators(cfg, AutoTokenizer.from_pretrained(policy_dir))
+    try:
+        critic, star = annotators
+        (settings, for_star), = built
+        assert settings is cfg.critic and for_star
+        assert critic.settings is cfg.critic and isinstance(star, StarAnnotator)
+        assert star.critic is critic
+        assert (critic.settings.enable_prefix_caching, critic.settings.block_size) == (None, None)
+    finally:
+        for annotator in annotators:
+            annotator.close()
+
+
 def test_star_needs_a_critic(corpus_path, policy_dir, tmp_path):
     from safekeel.data.config import ConfigError
 
