@@ -2,8 +2,8 @@
 
 All three score the same rows with the same model and template, side by side in one run:
 
-  vllm       data.critic.VLLMCritic: one prefill per row, logprobs of the two label ids
-  forward    data.critic.TransformersCritic: a batched forward, last position only
+  vllm       data.guard.critic.VLLMCritic: one prefill per row, logprobs of the two label ids
+  forward    data.guard.critic.TransformersCritic: a batched forward, last position only
   generate   the common approach: `generate` the verdict text greedily and parse it, with
              two lengths: 4 new tokens (the least that reads a label word) and 8 (a full
              Llama Guard 3 verdict, "\n\nunsafe\nS10" and the end token, what its model

@@ -76,7 +76,7 @@ def main() -> None:
             "distributed_executor_backend": "uni"}
 
     def measure(caching: bool) -> dict[str, float]:
-        """Times on one engine; engines run one after another (see data/critic.py)."""
+        """Times on one engine; engines run one after another (see data/engines.py)."""
         settings = GuardSettings(**base, enable_prefix_caching=caching,
                                   block_size=32 if caching else None)
         critic = VLLMCritic(settings)
