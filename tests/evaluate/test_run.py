@@ -303,6 +303,29 @@ def test_evaluate_builds_its_judge_from_the_guard_settings(tmp_path, world_files
     assert critic.threshold == 0.7 and critic.asr.overall.rate == 1.0  # 0.75 >= 0.7
 
 
+def test_a_vllm_engine_is_sized_from_the_prompts_and_new_tokens(tmp_path, world_files,
+                                                                tiny_model_dir, monkeypatch):
+    pytest.importorskip("vllm")
+    from safekeel.data.models import load_tokenizer
+    from safekeel.evaluate.generation import render_prompt
+
+    asked = {}
+
+    def capture(model_path, settings, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("safekeel.evaluate.run.make_generator", capture)
+    cfg = _config(world_files, [str(tiny_model_dir)], tmp_path, backend="vllm",
+                  max_model_len=None, benign_prompts={}, tasks=[], max_new_tokens=7)
+    with pytest.raises(CheckpointError, match="stop here"):
+        evaluate(cfg)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    longest = max(len(render_prompt(tokenizer, row["messages"]))
+                  for row in map(json.loads, world_files["harmful"].open()))
+    assert asked["needed_tokens"] == longest + 7
+
+
 def test_cli_runs_the_evaluate_verb(tmp_path, world_files, tiny_model_dir, capsys):
     out = tmp_path / "cli"
     assert pipeline.main([
