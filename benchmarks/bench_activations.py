@@ -16,7 +16,7 @@ instructions (half each), as a corpus the probe scores would mix them.
 
     python benchmarks/bench_activations.py                 # 512 prompts, float32
     python benchmarks/bench_activations.py --quick         # 64 prompts: a quick look
-    python benchmarks/bench_activations.py --dtype bfloat16
+    python benchmarks/bench_activations.py --dtype bfloat16 --threads 1
 """
 
 from __future__ import annotations
@@ -66,9 +66,14 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--batch-size", type=int, default=16,
                         help="transformers rows per forward (annotate's probe.batch_size)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and engine threads; default OMP_NUM_THREADS, else every "
+                        "core (on a busy machine one thread can be faster)")
     args = parser.parse_args()
     rows = 64 if args.quick else args.rows
-    threads = len(os.sched_getaffinity(0))
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or len(
+        os.sched_getaffinity(0))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the engine's too (data.engines keeps it)
     torch.set_num_threads(threads)
     model_path = resolve_model_path(args.model)
     spec = ActivationSpec(layers=(args.layer,), pooling="last")
