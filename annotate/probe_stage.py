@@ -6,7 +6,7 @@ just before generation (annotate.activations); the probe file records the model
 fingerprint, layers and pooling, and applying it to another model or layer is refused.
 Fitting reads them with transformers (float32); applying reads them from a vLLM engine
 wherever vLLM is installed (the same numbers in float32: relative difference 2e-6 on
-SmolLM2; 3.7x to 7x the rows per second, `benchmarks/bench_activations.py`), else with
+SmolLM2; 2.8x to 7x the rows per second on a busy machine, `benchmarks/bench_activations.py`), else with
 transformers.
 """
 
