@@ -35,6 +35,7 @@ from safekeel.evaluate.config import EvaluateConfig
 from safekeel.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from safekeel.data.guard.settings import GuardSettings
     from safekeel.train.run import TrainResult
 
 
@@ -227,13 +228,15 @@ def embedded_run_config(cfg: RunConfig, out: Path) -> RunConfig:
                         risk=replace(cfg.train.risk, aggregate="max"),
                         tokenization=replace(cfg.train.tokenization,
                                              max_length=settings.max_length))
-    evaluate_cfg = embedded_evaluate_config(cfg.evaluate, default, settings)
+    evaluate_cfg = embedded_evaluate_config(cfg.evaluate, default, settings, critic)
     return replace(cfg, annotate=annotate_cfg, train=train_cfg, evaluate=evaluate_cfg,
                    benign_corpus=cfg.benign_corpus or str(default.sets["benign_finetune"]))
 
 
-def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> EvaluateConfig:
-    """Evaluation on the world's held-out sets, judged by keywords and by the tiny guard."""
+def embedded_evaluate_config(base: EvaluateConfig, default, settings,
+                             critic: GuardSettings) -> EvaluateConfig:
+    """Evaluation on the world's held-out sets, judged by keywords and by the tiny guard
+    served exactly as annotate's `critic` (only the judge's threshold is evaluate's)."""
     from safekeel.evaluate.config import PromptSetConfig, TaskConfig
 
     return replace(
@@ -245,8 +248,7 @@ def embedded_evaluate_config(base: EvaluateConfig, default, settings) -> Evaluat
                                        path=str(default.sets["eval_benign_overrefusal"])),
         tasks=[TaskConfig(name="world_tasks", path=str(default.sets["eval_tasks"]),
                           reference="row", scorer="safekeel.evaluate.prompts:world_task_scorer")],
-        critic=replace(base.critic, model=str(default.guard), template=default.guard_template,
-                       template_options=default.guard_template_options),
+        critic=replace(critic, threshold=base.critic.threshold),
         max_new_tokens=settings.generation_tokens,
         enforce_eager=True,  # tiny models: compiling each engine costs more than it saves
     )
@@ -258,24 +260,10 @@ def run_evaluation(cfg: RunConfig, checkpoints: dict[str, str], out: Path) -> No
 
 
 def evaluate_verb(cfg: EvaluateConfig) -> None:
-    """`safekeel evaluate`: stage three with the Safety Critic judge wired in."""
+    """`safekeel evaluate`: stage three (it builds its own Safety Critic judge)."""
     from safekeel.evaluate.run import evaluate
 
-    evaluate(cfg, critic_factory=build_critic_judge if cfg.critic.model else None)
-
-
-def build_critic_judge(judge_cfg):
-    """Stage three's Safety Critic judge, served by the same code as stage one's critic."""
-    from safekeel.data.critic import CriticSettings, make_critic
-    from safekeel.evaluate.run import CriticJudge
-
-    critic = make_critic(CriticSettings(
-        model=judge_cfg.model, template=judge_cfg.template,
-        template_options=judge_cfg.template_options, batch_size=judge_cfg.batch_size,
-        progress=False))
-    return CriticJudge(lambda conversations: critic.score(conversations).p_unsafe.tolist(),
-                       judge_cfg.threshold, batch_size=judge_cfg.batch_size, close=critic.close,
-                       description={"model": judge_cfg.model, **critic.provenance()})
+    evaluate(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

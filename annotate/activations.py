@@ -15,7 +15,8 @@ Two paths compute the same numbers:
   `LLM(worker_extension_cls=...)` and driven by `collective_rpc` with plain arguments only
   (layer indices, a pooling name); the worker sends back raw float32 bytes. Hooks only fire
   in eager mode, and only whole prompts give whole-prompt activations: prefix caching and
-  chunked prefill must be off.
+  chunked prefill must be off (`data.engines` starts such an engine for the role
+  "activations"). This is what annotate's probe uses wherever vLLM is installed.
 
 The output of decoder layer `i` equals transformers' `output_hidden_states[i + 1]` for every
 layer except the last one, whose `hidden_states` entry has the final norm applied: the hooks
@@ -408,6 +409,9 @@ class TransformersActivationExtractor:
         sources = sources or [f"prompt {i}" for i in range(len(conversations))]
         return self.extract([self.prompt_ids(c, s) for c, s in zip(conversations, sources)])
 
+    def close(self) -> None:
+        self.model = None
+
     def _pad(self, batch: list[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else (self.tokenizer.eos_token_id or 0)
@@ -522,24 +526,12 @@ class ActivationWorkerExtension:
 WORKER_EXTENSION = f"{__name__}.{ActivationWorkerExtension.__qualname__}"
 
 
-def vllm_engine_kwargs(**overrides: Any) -> dict[str, Any]:
-    """`vllm.LLM` arguments an activation pass needs (hooks fire, prompts run whole)."""
-    required = {
-        "worker_extension_cls": WORKER_EXTENSION,
-        "enforce_eager": True,
-        "enable_prefix_caching": False,
-        "enable_chunked_prefill": False,
-    }
-    clashes = {k: v for k, v in overrides.items() if k in required and v != required[k]}
-    if clashes:
-        raise ActivationError(f"activation capture needs {required}; got conflicting {clashes}")
-    return {**overrides, **required}
-
-
 class VLLMActivationExtractor:
     """Pooled layer activations computed inside a vLLM engine (worker extension + hooks).
 
-    The engine must have been built with `vllm_engine_kwargs(...)` (or the same settings).
+    The engine must have been built for the "activations" role of `data.engines` (or with
+    the same settings); `start` builds one. The extractor shuts down on `close` only an
+    engine it started (`owns_engine`).
     """
 
     def __init__(
@@ -549,8 +541,9 @@ class VLLMActivationExtractor:
         *,
         tokenizer: PreTrainedTokenizerBase | None = None,
         name: str | None = None,
+        owns_engine: bool = False,
     ):
-        self.llm, self.spec = llm, spec
+        self.llm, self.spec, self.owns_engine = llm, spec, owns_engine
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         config = llm.llm_engine.vllm_config
         self._check_engine(config)
@@ -574,6 +567,40 @@ class VLLMActivationExtractor:
             chat_template_sha256=chat_template_sha256(self.tokenizer),
         )
 
+    @classmethod
+    def start(
+        cls,
+        model: str,
+        spec: ActivationSpec,
+        *,
+        dtype: str = "float32",
+        needed_tokens: int | None = None,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+    ) -> VLLMActivationExtractor:
+        """Start an activation engine for `model` (`data.engines`, role "activations") and
+        serve it; `needed_tokens` (longest prompt + 1) sizes its context."""
+        from safekeel.data.engines import EngineSpec, start_engine
+
+        llm = start_engine(EngineSpec(model=model, role="activations", dtype=dtype,
+                                      needed_tokens=needed_tokens,
+                                      trust_remote_code=trust_remote_code))
+        try:
+            return cls(llm, spec, name=name or model, owns_engine=True)
+        except Exception:
+            from safekeel.data.engines import shutdown_engine
+
+            shutdown_engine(llm)
+            raise
+
+    def close(self) -> None:
+        """Shut the engine down if this extractor started it (see `data.engines` on order)."""
+        if self.owns_engine and self.llm is not None:
+            from safekeel.data.engines import shutdown_engine
+
+            shutdown_engine(self.llm)
+        self.llm = None
+
     @staticmethod
     def _check_engine(config: Any) -> None:
         problems = []
@@ -590,7 +617,7 @@ class VLLMActivationExtractor:
         if problems:
             raise ActivationError(
                 "the vLLM engine cannot capture activations; build it with "
-                + "; ".join(problems) + " (see vllm_engine_kwargs)"
+                + "; ".join(problems) + " (data.engines, role 'activations')"
             )
 
     def prompt_ids(self, messages: Sequence[Mapping[str, str]], source: str = "prompt") -> list[int]:
@@ -606,7 +633,7 @@ class VLLMActivationExtractor:
             if len(ids) > self.max_prompt_tokens:
                 raise ActivationError(
                     f"prompt {index}: {len(ids)} tokens, more than this engine runs in one step "
-                    f"({self.max_prompt_tokens}); raise max_num_batched_tokens/max_model_len"
+                    f"({self.max_prompt_tokens}); start it with a longer context"
                 )
         if not prompts:
             return np.zeros((0, self.feature_dim), dtype=np.float32)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from safekeel.annotate.probe_stage import ProbeApplyConfig
 from safekeel.data.config import ConfigError, option
 from safekeel.data.corpus import CorpusConfig
-from safekeel.data.critic import CriticSettings
+from safekeel.data.guard.settings import GuardSettings
 from safekeel.data.tokenization import TokenizationConfig
 
 
@@ -31,7 +31,7 @@ class AnnotateConfig:
     trust_remote_code: bool = option(False, help="Allow model code from the hub (off unless "
                                      "you trust the repository).")
     tokenization: TokenizationConfig = option(TokenizationConfig, help="Chat tokenisation.")
-    critic: CriticSettings = option(CriticSettings, help="The Safety Critic (guard LLM).")
+    critic: GuardSettings = option(GuardSettings, help="The Safety Critic (guard LLM).")
     star: StarConfig = option(StarConfig, help="STAR trajectories over partial responses.")
     probe: ProbeApplyConfig = option(ProbeApplyConfig, help="The harmful-intent probe.")
     output_dir: str = option("runs/annotate", help="Where shards, manifest and report go.")

@@ -41,8 +41,7 @@ from safekeel.data.tokenization import TokenizationIssue, tokenize_example
 
 log = logging.getLogger(__name__)
 
-SCHEMA_SAMPLE_ROWS = 1000
-STAR_CPU_BLOCK_SIZE = 32  # measured on CPU: 128-token blocks reuse far less of a prefix  # rows read to infer the types of the original columns
+SCHEMA_SAMPLE_ROWS = 1000  # rows read to infer the types of the original columns
 
 
 class Annotator(Protocol):
@@ -95,22 +94,16 @@ def build_annotators(cfg: AnnotateConfig, tokenizer: Any) -> list[Annotator]:
     if cfg.probe.enabled:
         from safekeel.annotate.probe_stage import ProbeAnnotator
 
-        annotators.append(ProbeAnnotator(cfg.probe, cfg.policy, cfg.trust_remote_code))
+        annotators.append(ProbeAnnotator(cfg.probe, cfg.policy, cfg.trust_remote_code,
+                                         max_prompt_tokens=cfg.tokenization.max_length))
     if not cfg.critic.enabled:
         return annotators
     from safekeel.annotate.star import StarAnnotator
-    from safekeel.data.critic import make_critic
+    from safekeel.data.guard.critic import make_critic
 
-    settings = cfg.critic
-    if cfg.star.enabled:
-        # the k prefixes of a response share their beginning: let the engine reuse it
-        settings = dataclasses.replace(
-            settings,
-            enable_prefix_caching=True if settings.enable_prefix_caching is None
-            else settings.enable_prefix_caching,
-            block_size=settings.block_size or STAR_CPU_BLOCK_SIZE,
-        )
-    critic = make_critic(settings)
+    # One settings object for the critic and STAR; the engine module turns prefix caching on
+    # for an engine that also scores STAR's prefixes.
+    critic = make_critic(cfg.critic, star=cfg.star.enabled)
     annotators.append(critic)
     if cfg.star.enabled:
         annotators.append(StarAnnotator(critic, tokenizer, cfg.star.segment_tokens,

@@ -2,8 +2,8 @@
 
 All three score the same rows with the same model and template, side by side in one run:
 
-  vllm       data.critic.VLLMCritic: one prefill per row, logprobs of the two label ids
-  forward    data.critic.TransformersCritic: a batched forward, last position only
+  vllm       data.guard.critic.VLLMCritic: one prefill per row, logprobs of the two label ids
+  forward    data.guard.critic.TransformersCritic: a batched forward, last position only
   generate   the common approach: `generate` the verdict text greedily and parse it, with
              two lengths: 4 new tokens (the least that reads a label word) and 8 (a full
              Llama Guard 3 verdict, "\n\nunsafe\nS10" and the end token, what its model
@@ -45,7 +45,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch
 from benchlib import PeakRSS, add_common_arguments, pick_dtype, say
 
-from safekeel.data.critic import CriticSettings, TransformersCritic, VLLMCritic
+from safekeel.data.guard.critic import GuardSettings, TransformersCritic, VLLMCritic
 from safekeel.data.precision import matmul_peak
 
 GENERATE_LENGTHS = (4, 8)  # new tokens: a label word; a full Llama Guard 3 verdict
@@ -138,7 +138,7 @@ def main() -> None:
 
     convs = conversations(args.rows, args.words)
     options = TEMPLATE_OPTIONS if args.template == "generic" else {}
-    settings = CriticSettings(model=args.model, template=args.template,
+    settings = GuardSettings(model=args.model, template=args.template,
                               template_options=options, dtype=dtype,
                               batch_size=args.batch_size, progress=False)
     rows = len(convs)
@@ -170,7 +170,7 @@ def main() -> None:
                                   .token_ids)
     forward.close()
 
-    vllm_settings = CriticSettings(**{**settings.__dict__, "batch_size": args.rows,
+    vllm_settings = GuardSettings(**{**settings.__dict__, "batch_size": args.rows,
                                       "distributed_executor_backend": "uni",
                                       "enforce_eager": args.quick,  # smoke: no compilation
                                       "enable_prefix_caching": True,

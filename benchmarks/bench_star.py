@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 from benchlib import PeakRSS, add_common_arguments, pick_dtype, say
 
 from safekeel.annotate.star import StarAnnotator
-from safekeel.data.critic import CriticSettings, VLLMCritic
+from safekeel.data.guard.critic import GuardSettings, VLLMCritic
 from safekeel.data.models import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -88,9 +88,9 @@ def main() -> None:
     memory = {}
 
     def measure(caching: bool) -> dict[str, float]:
-        """Times on one engine; engines run one after another (see data/critic.py)."""
+        """Times on one engine; engines run one after another (see data/engines.py)."""
         label = "cached" if caching else "uncached"
-        settings = CriticSettings(**base, enable_prefix_caching=caching,
+        settings = GuardSettings(**base, enable_prefix_caching=caching,
                                   block_size=32 if caching else None)
         say(f"engine with prefix caching {'on' if caching else 'off'}: starting")
         with PeakRSS() as peak:

@@ -405,11 +405,11 @@ def measure_guard(guard_dir: Path, guard_eval: list[WorldExample], segment_token
                   ) -> dict[str, Any]:
     """The guard's AUROC on guard_eval and STAR values before / after harm starts."""
     from safekeel.annotate.star import StarAnnotator
-    from safekeel.data.critic import CriticSettings, TransformersCritic
+    from safekeel.data.guard.critic import GuardSettings, TransformersCritic
     from safekeel.data.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(guard_dir)
-    settings = CriticSettings(
+    settings = GuardSettings(
         model=str(guard_dir), template="generic", template_options=dict(GUARD_TEMPLATE_OPTIONS),
         backend="transformers", dtype="float32", progress=False,
     )

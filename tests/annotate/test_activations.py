@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from safekeel.annotate.activations import (
-    WORKER_EXTENSION,
     ActivationError,
     ActivationSpec,
     TransformersActivationExtractor,
@@ -22,8 +21,8 @@ from safekeel.annotate.activations import (
     pool_tokens,
     prompt_messages,
     prompt_token_ids,
-    vllm_engine_kwargs,
 )
+from safekeel.data.engines import EngineSpec, engine_kwargs
 from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
 
 NUM_LAYERS = 3
@@ -262,13 +261,7 @@ def test_fingerprint_identifies_weights_not_dtype_or_path(model, tiny_tokenizer)
 # --------------------------------------------------------------------------- vLLM
 
 
-def test_engine_settings_are_enforced():
-    kwargs = vllm_engine_kwargs(max_model_len=128)
-    assert kwargs["worker_extension_cls"] == WORKER_EXTENSION
-    assert kwargs["enforce_eager"] and not kwargs["enable_prefix_caching"]
-    assert not kwargs["enable_chunked_prefill"] and kwargs["max_model_len"] == 128
-    with pytest.raises(ActivationError, match="conflicting"):
-        vllm_engine_kwargs(enable_prefix_caching=True)
+def test_an_engine_without_the_hook_settings_is_refused():
     compiled = SimpleNamespace(
         parallel_config=SimpleNamespace(worker_extension_cls="", world_size=1),
         model_config=SimpleNamespace(enforce_eager=False),
@@ -286,8 +279,11 @@ def vllm_engine(make_vllm_engine, model, tiny_tokenizer, tmp_path_factory):
     model_dir: Path = save_tiny_model(
         tmp_path_factory.mktemp("activations_llama"), tokenizer=tiny_tokenizer, model=model
     )
-    engine = make_vllm_engine(model_dir, **vllm_engine_kwargs(max_num_batched_tokens=256))
-    return engine
+    # the engine module's activation role, with a small step budget (several steps below)
+    kwargs = engine_kwargs(EngineSpec(model=str(model_dir), role="activations", dtype="float32",
+                                      max_model_len=256, gpu_memory_utilization=0.1,
+                                      extra={"max_num_batched_tokens": 256}), cpu=True)
+    return make_vllm_engine(kwargs.pop("model"), **kwargs)
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ from safekeel import pipeline
 from safekeel.annotate.activations import ActivationSpec, TransformersActivationExtractor
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.annotate.probe import ProbeError, load_probe
+from safekeel.annotate.probe_stage import ProbeApplyConfig
 from safekeel.annotate.run import annotate
-from safekeel.data.config import from_dict
+from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.shards import PROBE_COLUMN, ShardReader, file_sha256
 from safekeel.data.tiny_models import save_tiny_model
 from safekeel.data.world import make_world
@@ -47,7 +48,11 @@ def test_probe_verb_writes_probe_report_and_config(fitted):
     assert (fitted / "probe_config.yaml").exists()
 
 
-def test_annotate_applies_the_probe(fitted, tiny_model_dir, prompt_files, tmp_path):
+@pytest.mark.parametrize("backend", [
+    "transformers", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def test_annotate_applies_the_probe(fitted, tiny_model_dir, prompt_files, tmp_path, backend):
+    if backend == "vllm":
+        pytest.importorskip("vllm")
     corpus = tmp_path / "c.jsonl"
     rows = [{"prompt": p, "response": "ok"}
             for p in (prompt_files / "harmful.txt").read_text().splitlines()[:6]]
@@ -55,7 +60,7 @@ def test_annotate_applies_the_probe(fitted, tiny_model_dir, prompt_files, tmp_pa
     out = tmp_path / "out"
     annotate(from_dict(AnnotateConfig, {"corpus": {"path": str(corpus)},
                                         "policy": str(tiny_model_dir), "output_dir": str(out),
-                                        "probe": {"path": str(fitted)}}))
+                                        "probe": {"path": str(fitted), "backend": backend}}))
     reader = ShardReader(out, required_columns=[PROBE_COLUMN])
     assert reader.provenance.probe_file_sha256 == file_sha256(fitted / "probe.safetensors")
     assert reader.provenance.probe_layers == [1]
@@ -78,6 +83,37 @@ def test_probe_for_another_model_is_refused(fitted, tmp_path):
     corpus.write_text(json.dumps({"prompt": "hello", "response": "hi"}) + "\n")
     cfg = from_dict(AnnotateConfig, {"corpus": {"path": str(corpus)}, "policy": str(other),
                                      "output_dir": str(tmp_path / "out"),
-                                     "probe": {"path": str(fitted)}})
+                                     "probe": {"path": str(fitted),
+                                               "backend": "transformers"}})
     with pytest.raises(ProbeError, match="model"):
         annotate(cfg)
+
+
+def test_probe_reads_from_vllm_by_default_and_falls_back_to_transformers(
+    fitted, tiny_model_dir, monkeypatch
+):
+    from safekeel.annotate import probe_stage
+    from safekeel.data import engines
+
+    started = []
+
+    def fake_start(model, spec, **kwargs):
+        started.append((model, spec, kwargs))
+        return "vllm extractor"
+
+    monkeypatch.setattr(probe_stage.VLLMActivationExtractor, "start", fake_start)
+    spec = ActivationSpec(layers=(1,), pooling="last")
+    cfg = ProbeApplyConfig(path=str(fitted))
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: object())
+    assert probe_stage.apply_extractor(cfg, str(tiny_model_dir), spec,
+                                       max_prompt_tokens=100) == "vllm extractor"
+    (model, got_spec, kwargs), = started
+    assert model == str(tiny_model_dir) and got_spec == spec
+    assert kwargs["dtype"] == "float32" and kwargs["needed_tokens"] == 101
+
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)  # no vllm
+    fallback = probe_stage.apply_extractor(cfg, str(tiny_model_dir), spec, max_prompt_tokens=100)
+    assert isinstance(fallback, TransformersActivationExtractor) and len(started) == 1
+    with pytest.raises(ConfigError, match="probe.backend: 'vllm' but vllm is not installed"):
+        probe_stage.apply_extractor(ProbeApplyConfig(path=str(fitted), backend="vllm"),
+                                    str(tiny_model_dir), spec, max_prompt_tokens=100)

@@ -131,7 +131,7 @@ GENERIC_GUARD = {
 
 def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny_guard_dir,
                                                    tmp_path):
-    from safekeel.data.critic import CriticSettings, make_critic
+    from safekeel.data.guard.critic import GuardSettings, make_critic
     from safekeel.data.shards import CRITIC_COLUMN, STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
 
     out = tmp_path / "out"
@@ -144,13 +144,47 @@ def test_critic_and_star_columns_from_a_real_guard(corpus_path, policy_dir, tiny
     assert reader.provenance.star_segment_size == 2
     rows = read_rows(out).to_dicts()
     # the shard holds what the critic gives for the same conversations, scored on their own
-    with make_critic(CriticSettings(**{**critic_cfg, "progress": False})) as critic:
+    with make_critic(GuardSettings(**{**critic_cfg, "progress": False})) as critic:
         expected = critic.score([r["messages"] for r in rows]).p_unsafe
     assert [r[CRITIC_COLUMN] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
     for row in rows:
         assert len(row[STAR_VALUES_COLUMN]) == len(row[STAR_ENDS_COLUMN]) >= 2
         # the last prefix is the whole response: its value is 1 - the critic's score
         assert row[STAR_VALUES_COLUMN][-1] == pytest.approx(1 - row[CRITIC_COLUMN], abs=1e-5)
+
+
+def test_critic_and_star_get_the_guard_settings_unchanged(corpus_path, policy_dir,
+                                                         tiny_guard_dir, tmp_path, monkeypatch):
+    """One settings object serves the critic column and STAR; the engine is asked for the
+    STAR role (prefix caching) instead of the settings being rewritten."""
+    from transformers import AutoTokenizer
+
+    from safekeel.annotate.star import StarAnnotator
+    from safekeel.data.guard import critic as critic_module
+
+    built = []
+    real_make_critic = critic_module.make_critic
+
+    def recording_make_critic(settings, *, star=False):
+        built.append((settings, star))
+        return real_make_critic(settings, star=star)
+
+    monkeypatch.setattr(critic_module, "make_critic", recording_make_critic)
+    guard = {"model": str(tiny_guard_dir), **GENERIC_GUARD, "enforce_eager": True,
+             "max_model_len": 200}
+    cfg = config(corpus_path, policy_dir, tmp_path, critic=guard,
+                 star={"enabled": True, "segment_tokens": 2})
+    annotators = run_module.build_annotators(cfg, AutoTokenizer.from_pretrained(policy_dir))
+    try:
+        critic, star = annotators
+        (settings, for_star), = built
+        assert settings is cfg.critic and for_star
+        assert critic.settings is cfg.critic and isinstance(star, StarAnnotator)
+        assert star.critic is critic
+        assert (critic.settings.enable_prefix_caching, critic.settings.block_size) == (None, None)
+    finally:
+        for annotator in annotators:
+            annotator.close()
 
 
 def test_star_needs_a_critic(corpus_path, policy_dir, tmp_path):

