@@ -8,6 +8,7 @@ source's own imports.
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -51,9 +52,14 @@ def test_console_script_points_at_the_namespaced_pipeline():
 
 @pytest.mark.slow
 def test_wheel_has_safekeel_as_its_only_top_level_name(tmp_path):
+    # Built from a copy: setuptools never cleans a source tree's build/ folder, so a wheel
+    # built in place could carry modules that no longer exist.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "__pycache__", ".*_cache"))
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(tmp_path), str(REPO)],
+         "--wheel-dir", str(tmp_path), str(source)],
         capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("safekeel-*.whl")
