@@ -32,6 +32,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; plenty for one-toke
 
 import numpy as np
 import torch
+from benchlib import add_common_arguments, pick_dtype, process_peak_mib, say
 
 from safekeel.annotate.activations import (
     ActivationSpec,
@@ -59,10 +60,8 @@ def prompts(rows: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="64 prompts")
+    add_common_arguments(parser)  # --quick: 64 prompts; --dtype
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="float32 is what annotate's probe uses by default")
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--batch-size", type=int, default=16,
                         help="transformers rows per forward (annotate's probe.batch_size)")
@@ -70,6 +69,7 @@ def main() -> None:
                         help="torch and engine threads; default OMP_NUM_THREADS, else every "
                         "core (on a busy machine one thread can be faster)")
     args = parser.parse_args()
+    dtype = pick_dtype(args.dtype)
     rows = 64 if args.quick else args.rows
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or len(
         os.sched_getaffinity(0))
@@ -80,25 +80,29 @@ def main() -> None:
     tokenizer = load_tokenizer(model_path)
     conversations = [[{"role": "user", "content": text}] for text in prompts(rows)]
 
+    say(f"transformers: loading {args.model}")
     started = time.perf_counter()
-    model = load_causal_lm(model_path, dtype=args.dtype)
+    model = load_causal_lm(model_path, dtype=dtype)
     reference = TransformersActivationExtractor(model, tokenizer, spec,
                                                 batch_size=args.batch_size)
     hf_startup = time.perf_counter() - started
     token_ids = [reference.prompt_ids(c) for c in conversations]
     tokens = sum(map(len, token_ids))
+    say(f"transformers: extracting {rows} prompts")
     started = time.perf_counter()
     expected = reference.extract(token_ids)
     hf_seconds = time.perf_counter() - started
     reference.close()
     del model
 
+    say("vllm: starting the engine")
     started = time.perf_counter()
-    served = VLLMActivationExtractor.start(model_path, spec, dtype=args.dtype,
+    served = VLLMActivationExtractor.start(model_path, spec, dtype=dtype,
                                            needed_tokens=max(map(len, token_ids)) + 1)
     vllm_startup = time.perf_counter() - started
     try:
         served.extract(token_ids[:8])  # first call: warm-up outside the timing
+        say(f"vllm: extracting {rows} prompts")
         started = time.perf_counter()
         got = served.extract(token_ids)
         vllm_seconds = time.perf_counter() - started
@@ -106,7 +110,7 @@ def main() -> None:
         served.close()
 
     relative = float(np.abs(got - expected).max() / np.abs(expected).max())
-    print(f"{args.model}, layer {args.layer} (last token), {args.dtype}, {threads} threads: "
+    print(f"{args.model}, layer {args.layer} (last token), {dtype}, {threads} threads: "
           f"{rows} prompts, {tokens} tokens (mean {tokens / rows:.0f})")
     print(f"{'extractor':14s} {'start-up s':>10s} {'seconds':>8s} {'rows/s':>8s} {'tokens/s':>9s}")
     for name, startup, seconds in (("transformers", hf_startup, hf_seconds),
@@ -114,7 +118,8 @@ def main() -> None:
         print(f"{name:14s} {startup:10.1f} {seconds:8.2f} {rows / seconds:8.1f} "
               f"{tokens / seconds:9.0f}")
     print(f"vllm / transformers: {hf_seconds / vllm_seconds:.2f}x rows/s; max relative "
-          f"difference of the activations {relative:.1e}")
+          f"difference of the activations {relative:.1e}; peak RSS {process_peak_mib():.0f} MiB")
+    say("done")
 
 
 if __name__ == "__main__":
