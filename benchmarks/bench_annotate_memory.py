@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     args = parser.parse_args()
-    from safekeel.data.tiny_models import save_tiny_model
+    from safekeel.data.embedded.tiny_models import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def world_prompts(count: int) -> list[list[dict[str, str]]]:
     """`count` chat prompts from the synthetic world, interleaving its evaluation sets."""
-    from safekeel.data.world import make_world
+    from safekeel.data.embedded.world import make_world
 
     world = make_world(0)
     pools = [world.eval_tasks, world.eval_benign_overrefusal, world.eval_harmful]
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="vLLM with enforce_eager=True")
     args = parser.parse_args()
 
+    from safekeel.data.embedded.tiny_models import save_tiny_model
     from safekeel.data.models import resolve_model_path
-    from safekeel.data.tiny_models import save_tiny_model
     from safekeel.evaluate.generation import (
         GenerationSettings,
         TransformersGenerator,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+from safekeel.data.embedded.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

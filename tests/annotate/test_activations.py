@@ -24,7 +24,7 @@ from safekeel.annotate.activations import (
     prompt_token_ids,
     vllm_engine_kwargs,
 )
-from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
+from safekeel.data.embedded.tiny_models import build_tiny_llama, save_tiny_model
 
 NUM_LAYERS = 3
 TEXTS = [
