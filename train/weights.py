@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal, Protocol, get_args
 import torch
 from torch import Tensor
 
-# Shard columns (see DESIGN.md, section 2). The policies read the per-example ones
+# Shard columns (named in safekeel.data.shards). The policies read the per-example ones
 # directly; STAR's per-segment lists arrive already expanded to tokens.
 CRITIC_COLUMN = "critic_p_unsafe"
 PROBE_COLUMN = "probe_p_harmful"
