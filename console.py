@@ -47,11 +47,40 @@ def routed_output(log_dir: str | Path, verbose: bool = False) -> Iterator[Path]:
     with ExitStack() as stack:
         stack.enter_context(_python_logging_to(log_path))
         if not verbose:
-            os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            stack.enter_context(_environment(VLLM_CONFIGURE_LOGGING="0",
+                                             HF_HUB_DISABLE_PROGRESS_BARS="1"))
+            stack.enter_context(_propagating("vllm"))  # in case vLLM was configured already
             _quiet_hugging_face()
             stack.enter_context(_descriptors_to(log_path))
         yield log_path
+
+
+@contextmanager
+def _environment(**defaults: str) -> Iterator[None]:
+    """Set variables the user has not set, for the block (child processes inherit them)."""
+    applied = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(applied)
+    try:
+        yield
+    finally:
+        for key in applied:
+            os.environ.pop(key, None)
+
+
+@contextmanager
+def _propagating(name: str) -> Iterator[None]:
+    """Logger `name` without its own handlers, passing its records to the root's."""
+    logger = logging.getLogger(name)
+    handlers, propagate = list(logger.handlers), logger.propagate
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.propagate = True
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 @contextmanager

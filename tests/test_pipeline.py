@@ -82,18 +82,21 @@ def tiny_corpus(tmp_path) -> Path:
     return path
 
 
-def user_mistakes(tmp_path: Path, corpus: Path) -> dict[str, tuple[list[str], str]]:
+def user_mistakes(tmp_path: Path, corpus: Path, model: Path
+                  ) -> dict[str, tuple[list[str], str]]:
     """Command lines with one mistake each, and what their one-line message names."""
     unknown_key = tmp_path / "unknown_key.yaml"
     unknown_key.write_text("train:\n  learning_rat: 0.1\n")
     return {
         "unknown key": (["train", "--config", str(unknown_key)], "learning_rat"),
         "bad value": (["train", "--epochs", "many"], "epochs"),
-        "unknown method": (["run", "--methods", "[sft, dpo]"], "methods"),
-        "unknown option": (["run", "--method", "sft"], "--method"),
-        "missing config": (["run", "--config", str(tmp_path / "nope.yaml")], "nope.yaml"),
+        # (--print-config: should the mistake go unnoticed, no run starts)
+        "unknown method": (["run", "--methods", "[sft, dpo]", "--print-config"], "methods"),
+        "unknown option": (["run", "--metods", "[sft]", "--print-config"], "--metods"),
+        "missing config": (["run", "--config", str(tmp_path / "nope.yaml"), "--print-config"],
+                           "nope.yaml"),
         "missing corpus": (["annotate", "--corpus.path", str(tmp_path / "missing.jsonl"),
-                            "--policy", "smollm2-135m-instruct",
+                            "--policy", str(model),
                             "--output_dir", str(tmp_path / "a")], "missing.jsonl"),
         "missing model": (["annotate", "--corpus.path", str(corpus),
                            "--policy", str(tmp_path / "no_such_model"),
@@ -104,15 +107,16 @@ def user_mistakes(tmp_path: Path, corpus: Path) -> dict[str, tuple[list[str], st
 @pytest.mark.parametrize("mistake", ["unknown key", "bad value", "unknown method",
                                      "unknown option", "missing config", "missing corpus",
                                      "missing model"])
-def test_a_user_mistake_is_one_line_and_exit_code_2(mistake, tmp_path, tiny_corpus, capsys):
-    argv, named = user_mistakes(tmp_path, tiny_corpus)[mistake]
+def test_a_user_mistake_is_one_line_and_exit_code_2(mistake, tmp_path, tiny_corpus,
+                                                     tiny_model_dir, capsys):
+    argv, named = user_mistakes(tmp_path, tiny_corpus, tiny_model_dir)[mistake]
     assert pipeline.main(argv) == 2
     (line,) = error_lines(capsys)
     assert line.startswith("safekeel: error: ") and named in line, line
 
 
-def test_debug_shows_the_traceback_of_a_user_mistake(tmp_path, tiny_corpus):
-    argv, _ = user_mistakes(tmp_path, tiny_corpus)["missing model"]
+def test_debug_shows_the_traceback_of_a_user_mistake(tmp_path, tiny_corpus, tiny_model_dir):
+    argv, _ = user_mistakes(tmp_path, tiny_corpus, tiny_model_dir)["missing model"]
     assert pipeline.main(argv) == 2  # without --debug: the one line
     with pytest.raises(ValueError, match="no_such_model"):
         pipeline.main([*argv, "--debug"])
