@@ -18,11 +18,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_FOLDERS = ("annotate", "train", "evaluate", "data")
-BARE_NAMES = {*STAGE_FOLDERS, "pipeline"}
+BARE_NAMES = {*STAGE_FOLDERS, "pipeline", "recipe", "console"}
 
 
 def project_sources() -> list[Path]:
-    files = [REPO / "pipeline.py", REPO / "__init__.py", REPO / "__main__.py"]
+    files = sorted(REPO.glob("*.py"))  # pipeline, recipe, console, __init__, __main__
     for folder in (*STAGE_FOLDERS, "tests", "benchmarks"):
         files += sorted((REPO / folder).rglob("*.py"))
     return files
@@ -60,8 +60,9 @@ def test_wheel_has_safekeel_as_its_only_top_level_name(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if ".dist-info/" not in name}
     assert top_level == {"safekeel"}
-    for module in ("__init__.py", "__main__.py", "pipeline.py", "annotate/run.py",
-                   "train/run.py", "evaluate/run.py", "data/corpus.py"):
+    for module in ("__init__.py", "__main__.py", "pipeline.py", "recipe.py", "console.py",
+                   "annotate/run.py", "train/run.py", "evaluate/run.py", "data/corpus.py",
+                   "data/embedded/world.py", "configs/embedded.yaml"):
         assert f"safekeel/{module}" in names
     assert not any(name.startswith("safekeel/tests/") for name in names)
 
