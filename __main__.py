@@ -3,4 +3,4 @@
 from safekeel.pipeline import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # its exit code: 2 for a user's mistake

@@ -50,7 +50,7 @@ def main() -> None:
     add_common_arguments(parser, dtype=False)
     args = parser.parse_args()
     args.sizes = args.sizes or ([2_000, 5_000] if args.quick else [100_000, 300_000, 1_000_000])
-    from safekeel.data.tiny_models import save_tiny_model
+    from safekeel.data.embedded.tiny_models import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

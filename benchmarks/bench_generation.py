@@ -26,7 +26,7 @@ from benchlib import PeakRSS, add_common_arguments, pick_dtype, say
 
 def world_prompts(count: int) -> list[list[dict[str, str]]]:
     """`count` chat prompts from the synthetic world, interleaving its evaluation sets."""
-    from safekeel.data.world import make_world
+    from safekeel.data.embedded.world import make_world
 
     world = make_world(0)
     pools = [world.eval_tasks, world.eval_benign_overrefusal, world.eval_harmful]
@@ -56,8 +56,8 @@ def main() -> None:
     args.max_new_tokens = args.max_new_tokens or (8 if args.quick else 48)
     dtype = pick_dtype(args.dtype)
 
+    from safekeel.data.embedded.tiny_models import save_tiny_model
     from safekeel.data.models import resolve_model_path
-    from safekeel.data.tiny_models import save_tiny_model
     from safekeel.evaluate.generation import (
         GenerationSettings,
         TransformersGenerator,

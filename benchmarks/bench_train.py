@@ -111,7 +111,11 @@ def write_shards(directory: Path, rows: list[dict], fingerprint: str) -> Path:
 def prepare_model(name: str, work: Path) -> str:
     if name != "tiny":
         return name
-    from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+    from safekeel.data.embedded.tiny_models import (
+        build_tiny_llama,
+        build_tokenizer,
+        save_tiny_model,
+    )
 
     tokenizer = build_tokenizer()
     model = build_tiny_llama(tokenizer, num_layers=4, hidden_size=256, num_heads=4,

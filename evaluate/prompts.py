@@ -32,7 +32,7 @@ from safekeel.data.corpus import (
     load_examples,
     resolve_sources,
 )
-from safekeel.data.world import check_answer
+from safekeel.data.embedded.world import check_answer
 from safekeel.evaluate.config import AttackConfig, PromptSetConfig, TaskConfig
 from safekeel.evaluate.utility import ScorerError
 
@@ -540,7 +540,7 @@ def load_task(cfg: TaskConfig, *, base_dir: Path | None = None) -> PromptSet:
 def world_task_scorer(prediction: str, reference: Mapping[str, Any]) -> bool:
     """Scorer for the synthetic world's tasks (use with `reference: row`).
 
-    Adapts `data.world.check_answer(example, response)` to the scorer signature
+    Adapts `data.embedded.world.check_answer(example, response)` to the scorer signature
     `(prediction, reference)`: the row carries the task kind and the answer.
     """
     if not isinstance(reference, Mapping):

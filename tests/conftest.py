@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+from safekeel.data.embedded.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -25,6 +25,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once from a copy of the sources (setuptools never cleans a
+    source tree's build/ folder, so a wheel built in place could carry deleted modules)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "__pycache__", ".*_cache"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(root), str(source)],
+        capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = root.glob("safekeel-*.whl")
+    return wheel
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 A guard scores one conversation with one prefill: the template renders the conversation
 into the guard's own prompt format, and P(unsafe) is read from the next-token distribution
-over the first token where the two label strings differ (DESIGN.md section 5), renormalised
+over the first token where the two label strings differ, renormalised
 over those two tokens.
 
 Contract with the caller (the critic and STAR):

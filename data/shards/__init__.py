@@ -3,7 +3,7 @@
 A shard set is a directory of `shard-00000.parquet`, `shard-00001.parquet`, ... plus a
 manifest `_manifest.json` that lists the *finished* shards. Each shard holds the normalised
 examples (`id`, `messages`), the original corpus columns carried through, and the risk
-columns of the annotators that ran (DESIGN.md section 2). The provenance of the scores (guard
+columns of the annotators that ran (declared in data/risk_columns.py). The provenance of the scores (guard
 model, probe file, policy tokenizer, ...) is stored twice: in every shard's Parquet key-value
 metadata under `safekeel` (so a lone file still says how it was made) and in the manifest.
 

@@ -22,8 +22,8 @@ from safekeel.annotate.activations import (
     prompt_messages,
     prompt_token_ids,
 )
+from safekeel.data.embedded.tiny_models import build_tiny_llama, save_tiny_model
 from safekeel.data.engines import EngineSpec, engine_kwargs
-from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
 
 NUM_LAYERS = 3
 TEXTS = [

@@ -34,7 +34,7 @@ from safekeel.annotate.probe import (
     stratified_split,
     threshold_for_recall,
 )
-from safekeel.data.tiny_models import build_tiny_llama
+from safekeel.data.embedded.tiny_models import build_tiny_llama
 
 FINGERPRINT = ModelFingerprint(
     name="tiny", model_type="llama", hidden_size=8, num_layers=4, vocab_size=100,

@@ -13,9 +13,9 @@ from safekeel.annotate.probe import ProbeError, load_probe
 from safekeel.annotate.probe_stage import ProbeApplyConfig
 from safekeel.annotate.run import annotate
 from safekeel.data.config import ConfigError, from_dict
+from safekeel.data.embedded.tiny_models import save_tiny_model
+from safekeel.data.embedded.world import make_world
 from safekeel.data.shards import PROBE_COLUMN, ShardReader, file_sha256
-from safekeel.data.tiny_models import save_tiny_model
-from safekeel.data.world import make_world
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import safekeel.annotate.run as run_module
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import from_dict
+from safekeel.data.embedded.tiny_models import save_tiny_model
 from safekeel.data.shards import PROBE_COLUMN, ShardReader
-from safekeel.data.tiny_models import save_tiny_model
 
 
 class HashScorer:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from safekeel.annotate.star import StarAnnotator, segment_ends
+from safekeel.data.embedded.tiny_models import build_tokenizer
 from safekeel.data.shards import STAR_ENDS_COLUMN, STAR_VALUES_COLUMN
-from safekeel.data.tiny_models import build_tokenizer
 from safekeel.data.tokenization import prompt_and_response_ids
 
 

@@ -4,27 +4,30 @@ import dataclasses
 import itertools
 import json
 import math
-import random
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from safekeel.data.embedded import (
+from safekeel.data.embedded.default import (
     GUARD_TEMPLATE_OPTIONS,
     METRICS_NAME,
     EmbeddedSettings,
-    ModelRecipe,
-    auroc,
+    TinyModelSettings,
     embedded_tokenizer,
     guard_chat_rows,
     harmful_start_token,
-    prepare_embedded_default,
 )
+from safekeel.data.embedded.tiny_models import (
+    WORD_LEVEL_PATTERN,
+    build_tiny_llama,
+    build_word_tokenizer,
+)
+from safekeel.data.embedded.world import WORD_PATTERN, make_world, tokenize_words
 from safekeel.data.guard.templates import get_guard_template, guard_prompt_ids, resolve_label_tokens
-from safekeel.data.tiny_models import WORD_LEVEL_PATTERN, build_tiny_llama, build_word_tokenizer
 from safekeel.data.tokenization import prompt_and_response_ids
-from safekeel.data.world import WORD_PATTERN, make_world, tokenize_words
+from safekeel.recipe import prepare_embedded_default
 
 SMALL_WORLD = {
     "alignment_size": 200, "guard_size": 200, "guard_eval_size": 60, "finetune_size": 10,
@@ -151,22 +154,6 @@ def test_guard_rows_need_a_response_and_a_label(world):
 # --------------------------------------------------------------------------- measures
 
 
-def test_auroc_matches_the_pairwise_definition():
-    rng = random.Random(0)
-    for _ in range(20):
-        n = rng.randint(2, 30)
-        scores = [rng.choice([0.1, 0.2, 0.5, rng.random()]) for _ in range(n)]
-        positives = [rng.random() < 0.5 for _ in range(n)]
-        positives[0], positives[1] = True, False
-        pairs = [(p, q) for p, pp in zip(scores, positives, strict=True) if pp
-                 for q, qq in zip(scores, positives, strict=True) if not qq]
-        naive = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs) / len(pairs)
-        assert auroc(scores, positives) == pytest.approx(naive)
-    assert auroc([0.9, 0.1], [True, False]) == 1.0
-    with pytest.raises(ValueError):
-        auroc([0.1, 0.2], [True, True])
-
-
 def test_harmful_start_token_counts_the_words_before_harm():
     response = "the answer is 12 . step 1 : zorb the quib ."
     # the, answer, is, 1, 2, ., step, 1, : -- "12" is two tokens
@@ -177,10 +164,10 @@ def test_harmful_start_token_counts_the_words_before_harm():
 
 TINY = EmbeddedSettings(
     world=SMALL_WORLD,
-    policy=ModelRecipe(hidden_size=64, num_heads=2, intermediate_size=128, max_steps=6,
-                       batch_size=8),
-    guard=ModelRecipe(hidden_size=64, num_heads=2, intermediate_size=128, max_steps=6,
-                      batch_size=8),
+    policy=TinyModelSettings(hidden_size=64, num_heads=2, intermediate_size=128, max_steps=6,
+                             batch_size=8),
+    guard=TinyModelSettings(hidden_size=64, num_heads=2, intermediate_size=128, max_steps=6,
+                            batch_size=8),
     generation_tokens=8,
 )
 
@@ -237,3 +224,39 @@ def test_the_default_build_meets_the_targets(tmp_path):
     assert star["located_rate"] >= 0.9, star
     assert not math.isnan(policy["overrefusal_rate"])
     assert default.attack_mix.exists() and (default.guard / "tokenizer.json").exists()
+
+
+# --------------------------------------------------------------------------- layering and preset
+
+
+def test_the_data_layer_imports_no_stage():
+    """The foundation sits below the stages: building models with them is safekeel.recipe's."""
+    import ast
+    from pathlib import Path
+
+    data_dir = Path(__file__).resolve().parents[2] / "data"
+    stages = ("safekeel.annotate", "safekeel.train", "safekeel.evaluate", "safekeel.recipe",
+              "safekeel.pipeline")
+    found = []
+    for path in sorted(data_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(stages)]
+    assert not found
+
+
+def test_the_embedded_preset_builds_the_default_models_with_their_guard_template():
+    from safekeel.data.config import load_config
+    from safekeel.recipe import RunConfig, judge_settings, preset_path
+
+    cfg = load_config(RunConfig, preset_path())
+    assert cfg.embedded.enabled and cfg.embedded.full == EmbeddedSettings()
+    assert cfg.embedded.smoke == TINY  # the smoke scale is the tiny build tested above
+    assert cfg.annotate.critic.template == "generic"
+    assert cfg.annotate.critic.template_options == GUARD_TEMPLATE_OPTIONS
+    # the judge is annotate's guard, every setting kept (only the threshold is evaluate's)
+    assert judge_settings(cfg) == replace(cfg.annotate.critic,
+                                          threshold=cfg.evaluate.critic.threshold)
+    assert cfg.annotate.tokenization.max_length == cfg.embedded.full.max_length
+    assert cfg.annotate.star.segment_tokens == cfg.embedded.full.star_segment_tokens

@@ -16,6 +16,12 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from safekeel.data import models
+from safekeel.data.embedded.tiny_models import (
+    CHATML_GENERATION_TEMPLATE,
+    CHATML_TEMPLATE,
+    build_tiny_llama,
+    build_tokenizer,
+)
 from safekeel.data.models import (
     SMOLLM2_ALIAS,
     MissingPackageError,
@@ -24,12 +30,6 @@ from safekeel.data.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
-)
-from safekeel.data.tiny_models import (
-    CHATML_GENERATION_TEMPLATE,
-    CHATML_TEMPLATE,
-    build_tiny_llama,
-    build_tokenizer,
 )
 
 CONVERSATIONS = [

@@ -3,7 +3,7 @@
 import pytest
 
 from safekeel.data.config import from_dict
-from safekeel.data.tiny_models import build_tokenizer
+from safekeel.data.embedded.tiny_models import build_tokenizer
 from safekeel.data.tokenization import (
     IGNORE_INDEX,
     TokenizationConfig,
@@ -105,7 +105,7 @@ def test_generation_template_without_assistant_mark_gives_no_response(tokenizers
 def test_mask_of_every_row_of_a_corpus(tmp_path, tokenizers, method):
     """Every row of a loaded corpus: labels are exactly its final response, never empty."""
     from safekeel.data.corpus import CorpusConfig, load_examples
-    from safekeel.data.world import make_world, write_jsonl
+    from safekeel.data.embedded.world import make_world, write_jsonl
 
     path = write_jsonl(make_world(0, alignment_size=200).alignment_train, tmp_path / "w.jsonl")
     tokenizer = tokenizers[method]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from safekeel.data.world import (
+from safekeel.data.embedded.world import (
     ADD_MAX,
     HARMFUL_TOPICS,
     NEGATIVE_WORDS,
@@ -138,7 +138,7 @@ def test_same_seed_same_world_different_seed_different_world(world):
 def test_world_does_not_depend_on_python_hash_seed(world):
     # str hashing is salted per process; a generator leaning on it would differ between runs
     code = (
-        "import hashlib, json; from data.world import make_world; "
+        "import hashlib, json; from safekeel.data.embedded.world import make_world; "
         "print(hashlib.sha256(json.dumps(make_world(0).sets(), sort_keys=True).encode())"
         ".hexdigest())"
     )

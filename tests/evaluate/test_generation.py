@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from safekeel.data.tiny_models import build_tiny_llama, save_tiny_model
+from safekeel.data.embedded.tiny_models import build_tiny_llama, save_tiny_model
 from safekeel.evaluate.generation import (
     Checkpoint,
     CheckpointError,

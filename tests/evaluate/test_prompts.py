@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from safekeel.data.world import make_world, write_jsonl
+from safekeel.data.embedded.world import make_world, write_jsonl
 from safekeel.evaluate.config import AttackConfig, PresetName, PromptSetConfig, TaskConfig
 from safekeel.evaluate.prompts import (
     CONTEXT_SEPARATOR,

@@ -10,7 +10,7 @@ import torch
 
 from safekeel import pipeline
 from safekeel.data.config import from_dict
-from safekeel.data.world import make_world, write_jsonl
+from safekeel.data.embedded.world import make_world, write_jsonl
 from safekeel.evaluate.config import EvaluateConfig
 from safekeel.evaluate.generation import CheckpointError, SetGenerations
 from safekeel.evaluate.metrics import RateEstimate

@@ -4,7 +4,7 @@ Also: the example accelerate configs for GPU users are ones accelerate accepts.
 The run goes through the user's entry point (`-m safekeel.pipeline train`) under a launcher, with
 `record_ranks` on: each process writes the example ids it trained on and a checksum of its
 final parameters. `accelerate launch --cpu --num_processes 2` would silently run a single
-process (DESIGN.md, section 5), so the world size each process saw is checked too.
+process, so the world size each process saw is checked too.
 """
 
 import json

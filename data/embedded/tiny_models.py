@@ -258,7 +258,7 @@ def save_tiny_model(
 UNK_TOKEN = "<|unk|>"
 WORD_SPECIAL_TOKENS = (BOS_TOKEN, IM_START, IM_END, PAD_TOKEN, UNK_TOKEN)
 CHAT_ROLES = ("system", "user", "assistant")
-# data.world.WORD_PATTERN, repeated here so this module keeps no dependency on the world;
+# data.embedded.world.WORD_PATTERN, repeated here so this module keeps no dependency on the world;
 # tests check that the two agree.
 WORD_LEVEL_PATTERN = r"[a-z]+|[0-9]|[^\sa-z0-9]"
 
@@ -271,12 +271,12 @@ def build_word_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `words` (+ chat roles and `extra_words`), with ChatML.
 
-    Text is lower-cased and split like `data.world.tokenize_words`: letter runs, single
+    Text is lower-cased and split like `data.embedded.world.tokenize_words`: letter runs, single
     digits, any other non-space character alone; whitespace (the newlines of ChatML too)
     only separates. Ids: the special tokens first, then the sorted, de-duplicated words, so
     the same words give the same ids. Unknown words map to `<|unk|>`. Decoding joins words
     with single spaces, so decode(encode(text)) is the text's words separated by spaces
-    ("15" comes back as "1 5", which `data.world.check_answer` accepts).
+    ("15" comes back as "1 5", which `data.embedded.world.check_answer` accepts).
 
     ChatML renders the prompt as a text prefix of prompt + response, which is what the
     trainer's `prefix` mask method needs.
