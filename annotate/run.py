@@ -131,7 +131,9 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
     ]
     if not sample:
         return []
-    return list(pa.Table.from_pylist(sample).schema)
+    # rows are read as the file holds them, so a column may be absent from some: take the
+    # union of the columns (a struct array infers it; a table would take the first row's)
+    return list(pa.array(sample).type)
 
 
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
