@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.models import load_causal_lm, load_tokenizer
-from safekeel.data.shards import ShardReader, tokenizer_fingerprint
+from safekeel.data.shards import Manifest, ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
 from safekeel.train.objective import (
@@ -371,9 +371,25 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _resume_key(cfg: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
-    """What must not change between a run and its resume for the result to be exact."""
-    return {
+# Settings that change where results go or how they are shown, not the trained weights:
+# a rerun may change them and still resume.
+_RESUME_FREE = ("output_dir", "save_every", "report_to", "progress_bar", "record_ranks",
+                "merge_lora")
+
+
+def _resume_key(
+    cfg: TrainConfig, world_size: int, total_steps: int, shards: Manifest | None = None
+) -> dict[str, Any]:
+    """What must not change between a run and its resume for the result to be exact: every
+    setting that shapes the weights, and the shards' content (a checkpoint of one corpus
+    continued on another would mix the two)."""
+    settings = {
+        f"config.{k}": v for k, v in tracker_config(cfg).items() if k not in _RESUME_FREE
+    }
+    if shards is not None:
+        blob = json.dumps([s.to_dict() for s in shards.shards.values()], sort_keys=True)
+        settings["shards_sha256"] = hashlib.sha256(blob.encode()).hexdigest()
+    return settings | {
         "policy": cfg.policy,
         "shards": str(Path(cfg.shards).resolve()),
         "method": cfg.method,
@@ -581,7 +597,7 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
     if cfg.lora.enabled and policy.uses_reference:
         reference = AdapterDisabledReference(unwrapped)
 
-    resume_key = _resume_key(cfg, accelerator.num_processes, total_steps)
+    resume_key = _resume_key(cfg, accelerator.num_processes, total_steps, reader.manifest)
     start_step = 0
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is not None:

@@ -447,3 +447,33 @@ def test_risk_options_reach_the_weight_policy():
     with pytest.raises(ConfigError, match="risk: .*linear schedule.*low"):
         from_dict(TrainConfig, {"method": "adaptive", "risk": {
             "schedule": "linear", "schedule_options": {"low": 0.9, "high": 0.1}}})
+
+
+@pytest.mark.parametrize("change", ["config", "shards"])
+def test_a_resume_that_would_mix_two_runs_is_refused(change, tiny_model_dir, tiny_tokenizer,
+                                                     tmp_path):
+    """A checkpoint left by a crash continues only the run that wrote it: a rerun with another
+    learning rate, or on shards whose content changed in place, is refused with a message."""
+    shards_dir = write_shards(tmp_path / "shards", 12, tokenizer_fingerprint(tiny_tokenizer))
+    out = tmp_path / "out"
+    train(make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1))
+    if change == "config":
+        rerun = make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1,
+                            learning_rate=5e-3)
+        expected = "config.learning_rate: 0.01 -> 0.005"
+    else:
+        write_shards(shards_dir, 12, tokenizer_fingerprint(tiny_tokenizer),
+                     critic=lambda i: 0.9)  # same path, other scores
+        rerun = make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1)
+        expected = "shards_sha256"
+    with pytest.raises(run_module.ResumeError, match="written by a run with other settings") as err:
+        train(rerun)
+    assert expected in str(err.value)
+
+
+def test_a_rerun_may_change_how_results_are_shown(tiny_model_dir, shards, tmp_path):
+    out = tmp_path / "out"
+    train(make_config(tiny_model_dir, shards, out, max_steps=2, save_every=1))
+    again = train(make_config(tiny_model_dir, shards, out, max_steps=2, save_every=2,
+                              progress_bar=True))
+    assert again.resumed_from_step == 2
