@@ -24,15 +24,23 @@ from tqdm.auto import tqdm
 
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import config_hash, save_resolved
-from safekeel.data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
+from safekeel.data.corpus import (
+    LoadReport,
+    corpus_fingerprint,
+    count_rows,
+    iter_examples,
+    iter_indexed_examples,
+)
 from safekeel.data.shards import (
     ID_COLUMN,
     MESSAGES_COLUMN,
     STAR_ENDS_COLUMN,
     STAR_VALUES_COLUMN,
     Manifest,
+    ManifestError,
     Provenance,
     ShardWriter,
+    manifest_filename,
     merge_manifests,
     plan_shards,
     shard_schema,
@@ -160,8 +168,12 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
         for key, value in annotator.provenance().items():
             setattr(provenance, key, value)
 
+    # Shards of one version of the corpus are never continued from another at the same path.
+    provenance.extra["corpus_sha256"] = corpus_fingerprint(cfg.corpus)
     total_rows = count_rows(cfg.corpus)
     plan = plan_shards(total_rows, cfg.rows_per_shard, cfg.num_workers, cfg.worker_index)
+    _refuse_another_corpus(out / manifest_filename(cfg.num_workers, cfg.worker_index),
+                           provenance, cfg.corpus.path)
     manifest = Manifest.open(out, plan, provenance)
     pending = set(plan.pending(manifest.finished_indices()))
     result = AnnotateResult(out, shards_skipped=len(manifest.finished_indices()))
@@ -213,6 +225,27 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     return result
 
 
+def _refuse_another_corpus(manifest_path: Path, provenance: Provenance, corpus: str) -> None:
+    """Say plainly when the shards on disk came from other corpus content (the manifest's
+    generic provenance check would refuse it too, but as an opaque `extra` difference)."""
+    if not manifest_path.exists():
+        return
+    before = Manifest.load(manifest_path).provenance.extra.get("corpus_sha256")
+    now = provenance.extra["corpus_sha256"]
+    if before is None:
+        raise ManifestError(
+            f"{manifest_path}: written without a record of the corpus content (an older "
+            "safekeel), so a resume cannot tell whether the corpus changed; use a new "
+            "output_dir, or remove the old one to start again"
+        )
+    if before != now:
+        raise ManifestError(
+            f"{manifest_path}: its shards were written from other content of the corpus "
+            f"{corpus} (sha256 {str(before)[:12]}..., now {now[:12]}...); resuming would mix "
+            "the two. Use a new output_dir, or remove the old one to start again"
+        )
+
+
 def _rows_in(plan, index: int) -> int:
     start, stop = plan.row_range(index)
     return stop - start
@@ -246,8 +279,6 @@ def _finish_shard(cfg, index, examples, schema, provenance, annotators, manifest
 
 
 def _all_workers_done(out: Path, num_workers: int) -> bool:
-    from safekeel.data.shards import manifest_filename
-
     for i in range(num_workers):
         path = out / manifest_filename(num_workers, i)
         if not path.exists() or Manifest.load(path).missing_indices():

@@ -583,6 +583,23 @@ def count_rows(cfg: CorpusConfig) -> int:
     return total
 
 
+def corpus_fingerprint(cfg: CorpusConfig, chunk_size: int = 1 << 20) -> str:
+    """sha256 over the bytes of every local file of the corpus, in reading order, so a rerun
+    can tell that the corpus at the same path now holds something else. A remote hub dataset
+    is named by its revision instead (unpinned: the name alone, which cannot see updates)."""
+    digest = hashlib.sha256()
+    for source in resolve_sources(cfg):
+        digest.update(f"\0{Path(source.name).name if source.data_files else source.name}\0"
+                      .encode())
+        if not source.data_files:
+            digest.update(f"revision={cfg.revision}".encode())
+            continue
+        with open(source.data_files, "rb") as fh:
+            while block := fh.read(chunk_size):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def iter_indexed_examples(
     cfg: CorpusConfig,
     report: LoadReport | None = None,

@@ -9,7 +9,7 @@ import pytest
 import safekeel.annotate.run as run_module
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import from_dict
-from safekeel.data.shards import PROBE_COLUMN, ShardReader
+from safekeel.data.shards import PROBE_COLUMN, ManifestError, ShardReader
 from safekeel.data.tiny_models import save_tiny_model
 
 
@@ -277,3 +277,33 @@ def test_summary_reports_mean_and_histogram_of_each_score(corpus_path, policy_di
         expected[min(int(value * 10), 9)] += 1
     assert stats["histogram"]["counts"] == expected
     assert "probe_p_harmful  mean" in capsys.readouterr().out
+
+
+def test_a_resume_on_changed_corpus_content_is_refused(corpus_path, policy_dir, tmp_path,
+                                                       monkeypatch):
+    """Same path, same row count, other content: the crashed run's shards are not continued."""
+    monkeypatch.setattr(run_module, "build_annotators",
+                        lambda cfg, tokenizer: [HashScorer(crash_on_call=3)])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    lines = corpus_path.read_text().splitlines()
+    corpus_path.write_text("\n".join(line.replace("answer", "reply") for line in lines) + "\n")
+    monkeypatch.setattr(run_module, "build_annotators", lambda cfg, tokenizer: [HashScorer()])
+    with pytest.raises(ManifestError, match=r"written from other content of the corpus .*"
+                                            r"corpus.jsonl .*resuming would mix"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    assert len(ShardReader(out, require_complete=False).shards) == 2  # nothing added
+
+
+def test_a_resume_with_changed_settings_is_refused(corpus_path, policy_dir, tmp_path,
+                                                   monkeypatch):
+    monkeypatch.setattr(run_module, "build_annotators",
+                        lambda cfg, tokenizer: [HashScorer(crash_on_call=3)])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    monkeypatch.setattr(run_module, "build_annotators", lambda cfg, tokenizer: [HashScorer()])
+    with pytest.raises(ManifestError, match="different provenance.*config_hash"):
+        run_module.annotate(config(corpus_path, policy_dir, out,
+                                   tokenization={"max_length": 100}))
