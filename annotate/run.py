@@ -31,6 +31,7 @@ from safekeel.data.corpus import (
     iter_examples,
     iter_indexed_examples,
 )
+from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
 from safekeel.data.shards import (
     ID_COLUMN,
     MESSAGES_COLUMN,
@@ -144,13 +145,14 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
     return list(pa.array(sample).type)
 
 
+@guards_output_dir
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
     from safekeel.data.models import load_tokenizer
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     save_resolved(cfg, out / f"config.worker-{cfg.worker_index}-of-{cfg.num_workers}.yaml")
 
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)

@@ -120,11 +120,15 @@ def _temporary_path(path: Path) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = _temporary_path(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave the old file, not a partial temporary one
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_directory(path.parent)
 
 
@@ -751,19 +755,23 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unfinished file; nothing of this shard remains visible."""
-        if self._writer is not None:
-            try:
+        try:
+            if self._writer is not None:
                 self._writer.close()
-            finally:
-                self._writer = None
-        self._tmp.unlink(missing_ok=True)
+        finally:
+            self._writer = None
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # e.g. a full disk while finishing: drop the partial file
+                self.abort()
+                raise
         else:
             self.abort()
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from safekeel.data.config import config_hash, save_resolved, to_dict, validate
+from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
 from safekeel.evaluate.config import CriticJudgeConfig, EvaluateConfig, TaskConfig
 from safekeel.evaluate.generation import (
     GENERATIONS_FILE,
@@ -529,6 +530,7 @@ class EvaluationResult:
     generations: dict[str, dict[str, SetGenerations]] = field(default_factory=dict)
 
 
+@guards_output_dir
 def evaluate(
     cfg: EvaluateConfig,
     *,
@@ -551,7 +553,7 @@ def evaluate(
         )
     out_dir = Path(cfg.output_dir)
     plan = plan_evaluation(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir)
     save_resolved(cfg, out_dir / RESOLVED_CONFIG)
     settings = GenerationSettings.from_config(cfg)
 

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.models import load_causal_lm, load_tokenizer
+from safekeel.data.output_dir import OutputDirError, guards_output_dir, prepare_output_dir
 from safekeel.data.shards import Manifest, ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
@@ -105,10 +106,6 @@ class NonFiniteLossError(TrainingError):
 
 class ResumeError(ValueError):
     """The checkpoint in output_dir was written by a run with other settings, or is damaged."""
-
-
-class OutputDirError(ValueError):
-    """output_dir holds something this stage did not write."""
 
 
 @dataclass(frozen=True)
@@ -520,6 +517,7 @@ def _steps(stream: TrainingStream, epochs: int, accumulation: int) -> Iterator[W
         yield window + [(epoch, stream.empty_batch()) for _ in range(accumulation - len(window))]
 
 
+@guards_output_dir
 def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult:
     """Run stage two with `cfg`; resumes from output_dir's latest checkpoint if there is one.
 
@@ -568,7 +566,7 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
     # Every process has checked output_dir before any of them writes to it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(output_dir)
         save_resolved(cfg, output_dir / CONFIG_NAME)
     if cfg.record_ranks:
         rank_dir.mkdir(parents=True, exist_ok=True)
