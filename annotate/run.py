@@ -124,7 +124,8 @@ def build_annotators(cfg: AnnotateConfig, tokenizer: Any) -> list[Annotator]:
     annotators.append(critic)
     if cfg.star.enabled:
         annotators.append(StarAnnotator(critic, tokenizer, cfg.star.segment_tokens,
-                                        cfg.tokenization.mask_method, critic.provenance()))
+                                        cfg.tokenization.mask_method, critic.provenance(),
+                                        max_length=cfg.tokenization.max_length))
     return annotators
 
 
