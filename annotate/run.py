@@ -222,7 +222,9 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     # One entry per run, so the report of a resumed annotation still shows the first attempt.
     report_path = out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json"
     runs = json.loads(report_path.read_text())["runs"] if report_path.exists() else []
-    report_path.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
+    tmp = report_path.with_name(f".{report_path.name}.tmp")  # a kill keeps the old report
+    tmp.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
+    tmp.replace(report_path)
     log.info("annotated %d rows into %s", result.rows_written, out)
     print(_summary(result))
     return result

@@ -28,6 +28,14 @@ _OUTPUT_ERRNOS = {
 }
 
 
+_WRITE_CHECK = ".safekeel-write-check-"
+
+
+def is_write_check(name: str) -> bool:
+    """A probe file of `prepare_output_dir` (one a kill left behind is not foreign content)."""
+    return name.startswith(_WRITE_CHECK)
+
+
 class OutputDirError(ValueError):
     """An output folder that cannot be used (not writable, full, or not ours)."""
 
@@ -47,7 +55,7 @@ def prepare_output_dir(path: str | Path) -> Path:
         raise OutputDirError(f"output_dir {path}: is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".safekeel-write-check-", dir=path)
+        handle, probe = tempfile.mkstemp(prefix=_WRITE_CHECK, dir=path)
         try:
             os.write(handle, b"ok")
             os.fsync(handle)

@@ -68,7 +68,12 @@ from tqdm.auto import tqdm
 
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.models import load_causal_lm, load_tokenizer
-from safekeel.data.output_dir import OutputDirError, guards_output_dir, prepare_output_dir
+from safekeel.data.output_dir import (
+    OutputDirError,
+    guards_output_dir,
+    is_write_check,
+    prepare_output_dir,
+)
 from safekeel.data.shards import Manifest, ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
@@ -211,7 +216,7 @@ def check_output_dir(output_dir: Path) -> None:
         raise OutputDirError(f"output_dir {output_dir}: is a file, not a directory")
     if not output_dir.is_dir():
         return
-    entries = sorted(p.name for p in output_dir.iterdir())
+    entries = sorted(p.name for p in output_dir.iterdir() if not is_write_check(p.name))
     if not entries:
         return
     config_path = output_dir / CONFIG_NAME
@@ -410,12 +415,17 @@ def _truncate_log(log_path: Path, keep_through_step: int) -> None:
     """Keep the log lines of steps already covered by the checkpoint we resume from."""
     if not log_path.exists():
         return
-    kept = [
-        line
-        for line in log_path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= keep_through_step
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+        if record["step"] <= keep_through_step:
+            kept.append(line)
+    tmp = log_path.with_name(f".{log_path.name}.tmp")  # a kill now keeps the old log whole
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_path)
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
