@@ -213,3 +213,19 @@ def test_a_really_full_file_system(tmp_path, policy_dir, monkeypatch):
         assert ShardReader(out, verify_hashes=True).num_rows == 23
     finally:
         _umount(small)
+
+
+def test_the_cli_says_it_in_one_line(read_only_dir, tmp_path, policy_dir, capsys):
+    """Through `safekeel annotate`: exit code 2 and one line (the CLI's user-error form)."""
+    from safekeel import pipeline
+
+    try:
+        code = pipeline.main(["annotate", "--corpus.path", str(_corpus(tmp_path)),
+                              "--policy", policy_dir,
+                              "--output_dir", str(read_only_dir / "out")])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = [text for text in err.splitlines() if text.strip()][-1]
+    assert line.startswith("safekeel: error: output_dir ") and "cannot be written" in line
