@@ -477,3 +477,36 @@ def test_a_rerun_may_change_how_results_are_shown(tiny_model_dir, shards, tmp_pa
     again = train(make_config(tiny_model_dir, shards, out, max_steps=2, save_every=2,
                               progress_bar=True))
     assert again.resumed_from_step == 2
+
+
+def test_a_log_line_cut_by_a_kill_does_not_stop_the_rerun(tiny_model_dir, shards, tmp_path,
+                                                          monkeypatch):
+    """A kill can land while a step's log line is being appended: the rerun drops the cut
+    line with the other steps past its checkpoint, and its log equals a straight run's."""
+    def config(out):
+        return make_config(tiny_model_dir, shards, out, epochs=2, max_steps=4, save_every=2)
+
+    straight = tmp_path / "straight"
+    train(config(straight))
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    original = run_module.token_objective
+
+    def crash_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "token_objective", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(config(out))
+    monkeypatch.setattr(run_module, "token_objective", original)
+    with (out / "train_log.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 1.2')  # what a kill mid-write leaves
+    result = train(config(out))
+    assert result.resumed_from_step == 2
+    def without_timings(lines):
+        return [{k: v for k, v in line.items() if "second" not in k} for line in lines]
+
+    assert without_timings(read_log(out)) == without_timings(read_log(straight))
