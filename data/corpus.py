@@ -5,8 +5,10 @@ A normalised example is a dict with
   * `messages`: [{role, content}, ...], the last assistant turn being the response;
   * every original column, carried through untouched.
 
-Files are read with `datasets.load_dataset` in streaming mode, one file at a time, so a
-corpus larger than memory streams and every problem can be named by file, row and field.
+Local files (and the data files of a hub-style directory) are read by our own streaming
+readers, one file at a time, so a corpus larger than memory streams, every problem can be
+named by file, row and field, and values reach validation exactly as the file holds them
+(no type inference across rows). Hub datasets stream through `datasets.load_dataset`.
 Rows are counted from 0 within their file (or hub split).
 """
 
