@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-LOG_NAME = "safekeel.log"
+from safekeel.data.output_dir import CONSOLE_LOG_NAME, prepare_output_dir
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -42,8 +43,8 @@ def is_user_error(err: BaseException) -> bool:
 @contextmanager
 def routed_output(log_dir: str | Path, verbose: bool = False) -> Iterator[Path]:
     """While the block runs, library logs go to `log_dir/safekeel.log` (see the module)."""
-    log_path = Path(log_dir) / LOG_NAME
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # a folder that cannot be written is the user's to fix: one line, before any work
+    log_path = prepare_output_dir(log_dir) / CONSOLE_LOG_NAME
     with ExitStack() as stack:
         stack.enter_context(_python_logging_to(log_path))
         if not verbose:

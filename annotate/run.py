@@ -24,14 +24,23 @@ from tqdm.auto import tqdm
 
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import config_hash, save_resolved
-from safekeel.data.corpus import LoadReport, count_rows, iter_examples, iter_indexed_examples
+from safekeel.data.corpus import (
+    LoadReport,
+    corpus_fingerprint,
+    count_rows,
+    iter_examples,
+    iter_indexed_examples,
+)
+from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
 from safekeel.data.risk_columns import column as risk_column
 from safekeel.data.shards import (
     ID_COLUMN,
     MESSAGES_COLUMN,
     Manifest,
+    ManifestError,
     Provenance,
     ShardWriter,
+    manifest_filename,
     merge_manifests,
     plan_shards,
     shard_schema,
@@ -107,7 +116,8 @@ def build_annotators(cfg: AnnotateConfig, tokenizer: Any) -> list[Annotator]:
     annotators.append(critic)
     if cfg.star.enabled:
         annotators.append(StarAnnotator(critic, tokenizer, cfg.star.segment_tokens,
-                                        cfg.tokenization.mask_method, critic.provenance()))
+                                        cfg.tokenization.mask_method, critic.provenance(),
+                                        max_length=cfg.tokenization.max_length))
     return annotators
 
 
@@ -123,16 +133,19 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
     ]
     if not sample:
         return []
-    return list(pa.Table.from_pylist(sample).schema)
+    # rows are read as the file holds them, so a column may be absent from some: take the
+    # union of the columns (a struct array infers it; a table would take the first row's)
+    return list(pa.array(sample).type)
 
 
+@guards_output_dir
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
     from safekeel.data.models import load_tokenizer
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     save_resolved(cfg, out / f"config.worker-{cfg.worker_index}-of-{cfg.num_workers}.yaml")
 
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
@@ -150,8 +163,12 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
         for key, value in annotator.provenance().items():
             setattr(provenance, key, value)
 
+    # Shards of one version of the corpus are never continued from another at the same path.
+    provenance.extra["corpus_sha256"] = corpus_fingerprint(cfg.corpus)
     total_rows = count_rows(cfg.corpus)
     plan = plan_shards(total_rows, cfg.rows_per_shard, cfg.num_workers, cfg.worker_index)
+    _refuse_another_corpus(out / manifest_filename(cfg.num_workers, cfg.worker_index),
+                           provenance, cfg.corpus.path)
     manifest = Manifest.open(out, plan, provenance)
     pending = set(plan.pending(manifest.finished_indices()))
     result = AnnotateResult(out, shards_skipped=len(manifest.finished_indices()))
@@ -197,10 +214,33 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     # One entry per run, so the report of a resumed annotation still shows the first attempt.
     report_path = out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json"
     runs = json.loads(report_path.read_text())["runs"] if report_path.exists() else []
-    report_path.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
+    tmp = report_path.with_name(f".{report_path.name}.tmp")  # a kill keeps the old report
+    tmp.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
+    tmp.replace(report_path)
     log.info("annotated %d rows into %s", result.rows_written, out)
     print(_summary(result))
     return result
+
+
+def _refuse_another_corpus(manifest_path: Path, provenance: Provenance, corpus: str) -> None:
+    """Say plainly when the shards on disk came from other corpus content (the manifest's
+    generic provenance check would refuse it too, but as an opaque `extra` difference)."""
+    if not manifest_path.exists():
+        return
+    before = Manifest.load(manifest_path).provenance.extra.get("corpus_sha256")
+    now = provenance.extra["corpus_sha256"]
+    if before is None:
+        raise ManifestError(
+            f"{manifest_path}: written without a record of the corpus content (an older "
+            "safekeel), so a resume cannot tell whether the corpus changed; use a new "
+            "output_dir, or remove the old one to start again"
+        )
+    if before != now:
+        raise ManifestError(
+            f"{manifest_path}: its shards were written from other content of the corpus "
+            f"{corpus} (sha256 {str(before)[:12]}..., now {now[:12]}...); resuming would mix "
+            "the two. Use a new output_dir, or remove the old one to start again"
+        )
 
 
 def _rows_in(plan, index: int) -> int:
@@ -236,8 +276,6 @@ def _finish_shard(cfg, index, examples, schema, provenance, annotators, manifest
 
 
 def _all_workers_done(out: Path, num_workers: int) -> bool:
-    from safekeel.data.shards import manifest_filename
-
     for i in range(num_workers):
         path = out / manifest_filename(num_workers, i)
         if not path.exists() or Manifest.load(path).missing_indices():

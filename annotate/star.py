@@ -10,6 +10,11 @@ Cost: the k prefixes of one response share their beginning, so with vLLM's prefi
 (enable_prefix_caching=True, small KV blocks: block_size=32 on CPU) each prefix prefills only
 the tokens past the cached blocks; `benchmarks/bench_star.py` measures it.
 
+Only the response tokens training keeps are cut into segments (tokenization.max_length less
+the prompt; at least one segment): the trainer gives tokens past the last end the last
+value, and a huge response would otherwise cost a guard query per segment and prefixes
+quadratic in its length.
+
 A prefix whose decoded text is still empty (a segment of template tokens only) has said
 nothing yet and is scored safe (V = 1) without asking the guard.
 """
@@ -44,7 +49,8 @@ class StarAnnotator:
     columns = (STAR_VALUES_COLUMN, STAR_ENDS_COLUMN)
 
     def __init__(self, critic: Any, tokenizer: Any, segment_tokens: int,
-                 mask_method: str = "auto", critic_provenance: dict[str, Any] | None = None):
+                 mask_method: str = "auto", critic_provenance: dict[str, Any] | None = None,
+                 max_length: int | None = None):
         if segment_tokens < 1:
             raise ValueError(f"star.segment_tokens must be at least 1, got {segment_tokens}")
         self.critic = critic
@@ -52,6 +58,11 @@ class StarAnnotator:
         self.segment_tokens = segment_tokens
         self.mask_method = mask_method
         self.critic_provenance = critic_provenance or {}
+        # Only the response tokens training keeps (max_length less the prompt) are scored:
+        # the trainer gives tokens past the last end the last value, and a 1 MB response
+        # would otherwise cost one guard query per segment and prefixes quadratic in its
+        # length.
+        self.max_length = max_length
 
     def provenance(self) -> dict[str, Any]:
         return {**self.critic_provenance, "star_segment_size": self.segment_tokens}
@@ -59,8 +70,12 @@ class StarAnnotator:
     def prefixes(self, example: dict[str, Any]) -> tuple[list[int], list[str]]:
         """Segment ends (policy response tokens) and the decoded response prefix at each."""
         messages = example["messages"]
-        _, response_ids = prompt_and_response_ids(self.tokenizer, messages, self.mask_method)
-        ends = segment_ends(len(response_ids), self.segment_tokens)
+        prompt_ids, response_ids = prompt_and_response_ids(self.tokenizer, messages,
+                                                           self.mask_method)
+        scored = len(response_ids)
+        if self.max_length is not None:  # at least one segment, even for a prompt too long
+            scored = min(scored, max(self.max_length - len(prompt_ids), self.segment_tokens))
+        ends = segment_ends(scored, self.segment_tokens)
         texts = [self.tokenizer.decode(response_ids[:end], skip_special_tokens=True).strip()
                  for end in ends]
         return ends, texts

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -230,7 +231,11 @@ def save_resolved(instance: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(instance), sort_keys=False, allow_unicode=True)
-    path.write_text(f"# resolved safekeel config, hash {config_hash(instance)}\n{text}")
+    # through a temporary file: a run killed mid-write must not leave half a config that
+    # its rerun then reads as foreign
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"# resolved safekeel config, hash {config_hash(instance)}\n{text}")
+    os.replace(tmp, path)
     return path
 
 

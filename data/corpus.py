@@ -5,8 +5,10 @@ A normalised example is a dict with
   * `messages`: [{role, content}, ...], the last assistant turn being the response;
   * every original column, carried through untouched.
 
-Files are read with `datasets.load_dataset` in streaming mode, one file at a time, so a
-corpus larger than memory streams and every problem can be named by file, row and field.
+Local files (and the data files of a hub-style directory) are read by our own streaming
+readers, one file at a time, so a corpus larger than memory streams, every problem can be
+named by file, row and field, and values reach validation exactly as the file holds them
+(no type inference across rows). Hub datasets stream through `datasets.load_dataset`.
 Rows are counted from 0 within their file (or hub split).
 """
 
@@ -153,7 +155,7 @@ def resolve_sources(cfg: CorpusConfig) -> list[Source]:
     if path.is_dir():
         # A directory laid out like a hub dataset repo (data/train-*.parquet, README configs)
         # loads exactly as its hub name would.
-        return [Source(f"{path}[{cfg.split}]", str(path), None, is_repo=True)]
+        return _directory_sources(path, cfg)
     if path.is_file():
         return [_file_source(path, cfg)]
     if cfg.format == "auto" and _looks_like_hub_id(cfg.path):
@@ -182,52 +184,174 @@ def _file_source(path: Path, cfg: CorpusConfig) -> Source:
     return Source(str(path), FILE_FORMATS[suffix], str(path))
 
 
-def _stream_source(source: Source, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
+def _stream_source(source: Source, cfg: CorpusConfig) -> Iterator[dict[str, Any] | _RowError]:
+    """The rows of one source, each exactly as the file holds it (or a `_RowError` for a row
+    that cannot be parsed at all). A source with no rows is an error naming it.
+
+    Local files are read by our own readers, not `datasets`: its loaders infer one type per
+    column across rows, so a JSON string "4" beside an integer turns into 4, and a valid row
+    would be named (or skipped) for its neighbour's defect.
+    """
+    rows = 0
+    for row in _source_rows(source, cfg):
+        rows += 1
+        yield row
+    if rows == 0:
+        what = "file" if source.data_files else "split"
+        raise CorpusError(source.name, f"no rows: the {what} is empty")
+
+
+def _source_rows(source: Source, cfg: CorpusConfig) -> Iterator[dict[str, Any] | _RowError]:
+    if source.is_repo:
+        yield from _repo_rows(source, cfg)
+        return
+    path = source.data_files or source.builder
+    readers = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    if source.builder not in readers:  # pragma: no cover - the config validates the format
+        raise CorpusError(source.name, f"unknown format {source.builder!r}")
+    try:
+        yield from readers[source.builder](path, source.name)
+    except OSError as err:
+        raise CorpusError(source.name, f"cannot be read: {err.strerror or err}") from None
+
+
+def _decode(line: bytes) -> str | _RowError:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return _RowError(None, f"not valid UTF-8: byte {bad.start} of the line")
+
+
+def _json_rows(path: str, name: str) -> Iterator[dict[str, Any] | _RowError]:
+    """A JSON array of objects, or JSON lines (one value a line; blank lines ignored)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from _json_array_rows(path, name)
+        return
+    with open(path, "rb") as fh:
+        row = 0
+        for number, line in enumerate(fh, start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            text = _decode(line)
+            if isinstance(text, _RowError):
+                yield text
+            else:
+                try:
+                    yield json.loads(text)
+                except json.JSONDecodeError as bad:
+                    yield _RowError(None, f"invalid JSON: {bad.msg} (line {number})")
+            row += 1
+
+
+def _json_array_rows(path: str, name: str) -> Iterator[dict[str, Any]]:
+    # A JSON array is one value: it is parsed whole (as `datasets` does), so an error in it
+    # names its line and column rather than a row.
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            data = json.load(fh)
+    except UnicodeDecodeError as bad:
+        raise CorpusError(name, f"not valid UTF-8 at byte {bad.start}") from None
+    except json.JSONDecodeError as bad:
+        raise CorpusError(name, f"invalid JSON: {bad.msg} (line {bad.lineno}, column "
+                                f"{bad.colno})") from None
+    yield from data
+
+
+def _csv_rows(path: str, name: str) -> Iterator[dict[str, Any] | _RowError]:
+    """Rows of a CSV file with a header. Every cell stays the text it is (no type guessing:
+    "4" stays "4", "NA" stays "NA"); only an empty cell reads as missing."""
+    import csv
+
+    csv.field_size_limit(1 << 30)  # a long response is a row to validate, not a parse error
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+        except (UnicodeDecodeError, csv.Error) as bad:
+            raise CorpusError(name, f"cannot read the header: {bad}") from None
+        if header is None:
+            return
+        row = 0
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as bad:
+                # The text stream cannot resync after bad bytes: stop with the row named.
+                raise CorpusError(name, f"not valid UTF-8 (byte {bad.start} of a block)",
+                                  row=row) from None
+            except csv.Error as bad:
+                yield _RowError(None, f"invalid CSV: {bad}")
+                row += 1
+                continue
+            if not cells:
+                continue
+            if len(cells) > len(header):
+                yield _RowError(None, f"invalid CSV: {len(cells)} fields, the header has "
+                                      f"{len(header)}")
+            else:
+                values = cells + [""] * (len(header) - len(cells))
+                yield {column: value if value != "" else None
+                       for column, value in zip(header, values, strict=True)}
+            row += 1
+
+
+def _parquet_rows(path: str, name: str) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise CorpusError(name, f"cannot be read as parquet: {err}") from None
+    for batch in parquet.iter_batches(batch_size=256):
+        yield from batch.to_pylist()
+
+
+def _repo_rows(source: Source, cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
+    """A hub dataset through `datasets` (local data files are read by our own readers)."""
     import datasets
 
     try:
-        if source.is_repo:
-            ds = datasets.load_dataset(
-                source.builder, cfg.subset, split=cfg.split, streaming=True, revision=cfg.revision
-            )
-        else:
-            ds = datasets.load_dataset(
-                source.builder, data_files=source.data_files, split="train", streaming=True
-            )
+        ds = datasets.load_dataset(
+            source.builder, cfg.subset, split=cfg.split, streaming=True, revision=cfg.revision
+        )
         yield from ds
     except (UnicodeDecodeError, ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-        raise _diagnose(source, err) from err
+        raise CorpusError(source.name, f"cannot be read: {err}") from err
     except Exception as err:  # pyarrow parse errors have no common base we can import cheaply
         if type(err).__module__.startswith("pyarrow"):
-            raise _diagnose(source, err) from err
+            raise CorpusError(source.name, f"cannot be read: {err}") from err
         raise
 
 
-def _diagnose(source: Source, err: Exception) -> CorpusError:
-    """Turn a loader failure into a message naming the row, scanning the file ourselves."""
-    if source.data_files and source.builder == "json" and source.data_files.endswith(".jsonl"):
-        with open(source.data_files, "rb") as fh:
-            for row, line in enumerate(fh):
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    return CorpusError(
-                        source.name, f"not valid UTF-8 (byte {bad.start} of the line)", row=row
-                    )
-                if text.strip():
-                    try:
-                        json.loads(text)
-                    except json.JSONDecodeError as bad:
-                        return CorpusError(source.name, f"invalid JSON: {bad.msg}", row=row)
-    if isinstance(err, UnicodeDecodeError) and source.data_files:
-        with open(source.data_files, "rb") as fh:
-            data = fh.read()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            line = data.count(b"\n", 0, bad.start) + 1
-            return CorpusError(source.name, f"not valid UTF-8 at byte {bad.start} (line {line})")
-    return CorpusError(source.name, f"cannot be read as {source.builder}: {err}")
+def _directory_sources(path: Path, cfg: CorpusConfig) -> list[Source]:
+    """The data files of a directory laid out like a hub dataset repo, for `cfg.split`, as
+    `datasets` resolves them (data/train-*.parquet, README configs); each is then read by our
+    own readers and named in messages. A layout `datasets` resolves to something else
+    (a loading script, another format) is read by `datasets` itself."""
+    import datasets
+
+    whole = [Source(f"{path}[{cfg.split}]", str(path), None, is_repo=True)]
+    try:
+        builder = datasets.load_dataset_builder(str(path), cfg.subset, revision=cfg.revision)
+    except Exception:  # noqa: BLE001 - whatever it is, `load_dataset` will name it
+        return whole
+    data_files = builder.config.data_files or {}
+    if builder.name not in ("json", "csv", "parquet") or not data_files:
+        return whole
+    if cfg.split not in data_files:
+        raise CorpusError(str(path), f"no split {cfg.split!r}; the dataset has: "
+                          + ", ".join(sorted(data_files)) + " (set corpus.split)")
+    files = [str(f) for f in data_files[cfg.split]]
+    if not all(Path(f).is_file() for f in files):
+        return whole
+    return [Source(f, builder.name, f) for f in files]
 
 
 # --------------------------------------------------------------------------- row -> example
@@ -270,7 +394,7 @@ def _text(row: dict[str, Any], column: str, *, required: bool = True) -> str | N
 
 
 class _RowError(Exception):
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str | None, message: str):
         self.field, self.message = field, message
 
 
@@ -324,7 +448,8 @@ def row_to_messages(row: dict[str, Any], shape: str, cfg: CorpusConfig) -> list[
     elif shape == "sharegpt":
         turns = _sharegpt_turns(row)
     elif shape == "prompt_response":
-        response_col = "response" if "response" in row else "completion"
+        # rows are read as written: a row may lack the column its neighbours have
+        response_col = "completion" if "completion" in row and "response" not in row else "response"
         turns = _turns(
             _text(row, "prompt"),
             _text(row, response_col, required=cfg.require_response),
@@ -460,6 +585,23 @@ def count_rows(cfg: CorpusConfig) -> int:
     return total
 
 
+def corpus_fingerprint(cfg: CorpusConfig, chunk_size: int = 1 << 20) -> str:
+    """sha256 over the bytes of every local file of the corpus, in reading order, so a rerun
+    can tell that the corpus at the same path now holds something else. A remote hub dataset
+    is named by its revision instead (unpinned: the name alone, which cannot see updates)."""
+    digest = hashlib.sha256()
+    for source in resolve_sources(cfg):
+        digest.update(f"\0{Path(source.name).name if source.data_files else source.name}\0"
+                      .encode())
+        if not source.data_files:
+            digest.update(f"revision={cfg.revision}".encode())
+            continue
+        with open(source.data_files, "rb") as fh:
+            while block := fh.read(chunk_size):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def iter_indexed_examples(
     cfg: CorpusConfig,
     report: LoadReport | None = None,
@@ -488,6 +630,11 @@ def iter_indexed_examples(
             if owned:
                 report.rows_read += 1
             try:
+                if isinstance(row, _RowError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise _RowError(None, f"not an object: the row is a {type(row).__name__}, "
+                                          "expected an object of named fields")
                 if shape is None:
                     try:
                         shape = detect_shape(row.keys())

@@ -46,11 +46,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` through a temporary file, fsynced, then renamed in place."""
     path = Path(path)
     tmp = temporary_path(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave the old file, not a partial temporary one
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_directory(path.parent)
     return path
 

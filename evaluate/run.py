@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from safekeel.data.config import config_hash, save_resolved, to_dict, validate
 from safekeel.data.guard.settings import GuardSettings
 from safekeel.data.models import SMOLLM2_ALIAS
+from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
 from safekeel.evaluate.config import EvaluateConfig, TaskConfig
 from safekeel.evaluate.generation import (
     GENERATIONS_FILE,
@@ -340,6 +341,19 @@ def set_folder(out_dir: Path, checkpoint: Checkpoint, prompt_set: PromptSet) -> 
     return out_dir / checkpoint.slug / f"{prompt_set.kind}-{safe}"
 
 
+def unpinned_hub_model(checkpoint: Checkpoint) -> str | None:
+    """The hub name a checkpoint's weights come from without a pinned revision (the
+    checkpoint itself, or a LoRA adapter's base), or None when they are all on disk."""
+    if checkpoint.kind == "hub":
+        return checkpoint.spec
+    base = checkpoint.provenance.get("base") or {}
+    while isinstance(base, dict) and base:
+        if base.get("kind") == "hub":
+            return base.get("spec") or base.get("path")
+        base = base.get("base") or {}
+    return None
+
+
 def generate_checkpoint(
     checkpoint: Checkpoint,
     sets: Sequence[tuple[PromptSet, int | None]],
@@ -361,12 +375,18 @@ def generate_checkpoint(
 
     results: dict[str, SetGenerations] = {}
     missing = []
+    unpinned = unpinned_hub_model(checkpoint)
+    if unpinned is not None and not regenerate:
+        # A hub name has no revision here: the model may have changed since the cache was
+        # written, and reusing its generations would report an old model as the new one.
+        log.warning("%s: generations are not reused from the cache: its weights come from the "
+                    "hub name %r, which is not pinned to a revision", checkpoint.name, unpinned)
     for prompt_set, max_new_tokens in sets:
         tokens = max_new_tokens or settings.max_new_tokens
         key, fields = generation_key(checkpoint, prompt_set,
                                      settings.cache_fields(backend, dtype, tokens))
         path = set_folder(out_dir, checkpoint, prompt_set) / GENERATIONS_FILE
-        cached = None if regenerate else read_generations(path, key)
+        cached = None if regenerate or unpinned else read_generations(path, key)
         if cached is not None:
             log.info("%s / %s: cached generations (%s)", checkpoint.name, prompt_set.name, path)
             results[prompt_set.name] = cached
@@ -553,6 +573,7 @@ class EvaluationResult:
     generations: dict[str, dict[str, SetGenerations]] = field(default_factory=dict)
 
 
+@guards_output_dir
 def evaluate(
     cfg: EvaluateConfig,
     *,
@@ -572,7 +593,7 @@ def evaluate(
         critic_factory = critic_judge
     out_dir = Path(cfg.output_dir)
     plan = plan_evaluation(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir)
     save_resolved(cfg, out_dir / RESOLVED_CONFIG)
     settings = GenerationSettings.from_config(cfg)
 

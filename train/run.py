@@ -63,6 +63,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -70,9 +71,15 @@ from tqdm.auto import tqdm
 
 from safekeel.data import precision
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
-from safekeel.data.files import atomic_write_json
+from safekeel.data.files import atomic_write_json, atomic_write_text
 from safekeel.data.models import load_causal_lm, load_tokenizer
-from safekeel.data.shards import ShardReader, tokenizer_fingerprint
+from safekeel.data.output_dir import (
+    OutputDirError,
+    guards_output_dir,
+    is_bookkeeping,
+    prepare_output_dir,
+)
+from safekeel.data.shards import Manifest, ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
 from safekeel.train.metrics import StepMetrics, StepTotals
@@ -115,10 +122,6 @@ class NonFiniteLossError(TrainingError):
 
 class ResumeError(ValueError):
     """The checkpoint in output_dir was written by a run with other settings, or is damaged."""
-
-
-class OutputDirError(ValueError):
-    """output_dir holds something this stage did not write."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def check_output_dir(output_dir: Path) -> None:
         raise OutputDirError(f"output_dir {output_dir}: is a file, not a directory")
     if not output_dir.is_dir():
         return
-    entries = sorted(p.name for p in output_dir.iterdir())
+    entries = sorted(p.name for p in output_dir.iterdir() if not is_bookkeeping(p.name))
     if not entries:
         return
     config_path = output_dir / CONFIG_NAME
@@ -320,9 +323,25 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _resume_key(cfg: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
-    """What must not change between a run and its resume for the result to be exact."""
-    return {
+# Settings that change where results go or how they are shown, not the trained weights:
+# a rerun may change them and still resume.
+_RESUME_FREE = ("output_dir", "save_every", "report_to", "progress_bar", "record_ranks",
+                "merge_lora")
+
+
+def _resume_key(
+    cfg: TrainConfig, world_size: int, total_steps: int, shards: Manifest | None = None
+) -> dict[str, Any]:
+    """What must not change between a run and its resume for the result to be exact: every
+    setting that shapes the weights, and the shards' content (a checkpoint of one corpus
+    continued on another would mix the two)."""
+    settings = {
+        f"config.{k}": v for k, v in tracker_config(cfg).items() if k not in _RESUME_FREE
+    }
+    if shards is not None:
+        blob = json.dumps([s.to_dict() for s in shards.shards.values()], sort_keys=True)
+        settings["shards_sha256"] = hashlib.sha256(blob.encode()).hexdigest()
+    return settings | {
         "policy": cfg.policy,
         "shards": str(Path(cfg.shards).resolve()),
         "method": cfg.method,
@@ -340,12 +359,15 @@ def _truncate_log(log_path: Path, keep_through_step: int) -> None:
     """Keep the log lines of steps already covered by the checkpoint we resume from."""
     if not log_path.exists():
         return
-    kept = [
-        line
-        for line in log_path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= keep_through_step
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+        if record["step"] <= keep_through_step:
+            kept.append(line)
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))  # a kill keeps it whole
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
@@ -468,6 +490,9 @@ class TrainedModel:
 
 def setup_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator for this run (precision, accumulation, tracker), with seeds set."""
+    # accelerate keeps one process-wide state and refuses a second run in the same process
+    # with another precision; each train() is a run of its own (the process group stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -513,8 +538,9 @@ def setup_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputPaths:
     # Every process has checked output_dir before any of them writes to it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, paths.root / CONFIG_NAME)
+        prepare_output_dir(paths.root)
+        if not (paths.root / CONFIG_NAME).exists():  # a rerun's is saved once it may resume
+            save_resolved(cfg, paths.root / CONFIG_NAME)
     if cfg.record_ranks:
         paths.rank_dir.mkdir(parents=True, exist_ok=True)
     return paths
@@ -660,6 +686,7 @@ def _steps(stream: TrainingStream, epochs: int, accumulation: int) -> Iterator[W
         yield window + [(epoch, stream.empty_batch()) for _ in range(accumulation - len(window))]
 
 
+@guards_output_dir
 def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult:
     """Run stage two with `cfg`; resumes from output_dir's latest checkpoint if there is one.
 
@@ -677,8 +704,11 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
     paths = setup_output_dir(cfg, accelerator)
     trained = setup_model(cfg, weight_policy, accelerator, total_steps)
 
-    resume_key = _resume_key(cfg, accelerator.num_processes, total_steps)
+    resume_key = _resume_key(cfg, accelerator.num_processes, total_steps,
+                             stream.reader.manifest)
     checkpoint, start_step = resume_from_checkpoint(accelerator, paths.root, resume_key)
+    if accelerator.is_main_process:
+        save_resolved(cfg, paths.root / CONFIG_NAME)  # a refused rerun left the old one
     step_log = StepLog(cfg, accelerator, paths, start_step, total_steps)
     steps = run_loop(
         cfg, accelerator, trained, weight_policy, stream, step_log,

@@ -183,19 +183,23 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unfinished file; nothing of this shard remains visible."""
-        if self._writer is not None:
-            try:
+        try:
+            if self._writer is not None:
                 self._writer.close()
-            finally:
-                self._writer = None
-        self._tmp.unlink(missing_ok=True)
+        finally:
+            self._writer = None
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # e.g. a full disk while finishing: drop the partial file
+                self.abort()
+                raise
         else:
             self.abort()
 

@@ -10,7 +10,7 @@ import safekeel.annotate.run as run_module
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import from_dict
 from safekeel.data.embedded.tiny_models import save_tiny_model
-from safekeel.data.shards import PROBE_COLUMN, ShardReader
+from safekeel.data.shards import PROBE_COLUMN, ManifestError, ShardReader
 
 
 class HashScorer:
@@ -311,3 +311,105 @@ def test_summary_reports_mean_and_histogram_of_each_score(corpus_path, policy_di
         expected[min(int(value * 10), 9)] += 1
     assert stats["histogram"]["counts"] == expected
     assert "probe_p_harmful  mean" in capsys.readouterr().out
+
+
+def test_a_resume_on_changed_corpus_content_is_refused(corpus_path, policy_dir, tmp_path,
+                                                       monkeypatch):
+    """Same path, same row count, other content: the crashed run's shards are not continued."""
+    monkeypatch.setattr(run_module, "build_annotators",
+                        lambda cfg, tokenizer: [HashScorer(crash_on_call=3)])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    lines = corpus_path.read_text().splitlines()
+    corpus_path.write_text("\n".join(line.replace("answer", "reply") for line in lines) + "\n")
+    monkeypatch.setattr(run_module, "build_annotators", lambda cfg, tokenizer: [HashScorer()])
+    with pytest.raises(ManifestError, match=r"written from other content of the corpus .*"
+                                            r"corpus.jsonl .*resuming would mix"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    assert len(ShardReader(out, require_complete=False).shards) == 2  # nothing added
+
+
+def test_a_resume_with_changed_settings_is_refused(corpus_path, policy_dir, tmp_path,
+                                                   monkeypatch):
+    monkeypatch.setattr(run_module, "build_annotators",
+                        lambda cfg, tokenizer: [HashScorer(crash_on_call=3)])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_module.annotate(config(corpus_path, policy_dir, out))
+    monkeypatch.setattr(run_module, "build_annotators", lambda cfg, tokenizer: [HashScorer()])
+    with pytest.raises(ManifestError, match="different provenance.*config_hash"):
+        run_module.annotate(config(corpus_path, policy_dir, out,
+                                   tokenization={"max_length": 100}))
+
+
+class StandInCritic:
+    """A guard that answers 'safe' at once and records what it was asked to read."""
+
+    from safekeel.data.shards import CRITIC_COLUMN as _column
+
+    columns = (_column,)
+
+    def __init__(self):
+        self.star_queries = []
+
+    def provenance(self):
+        return {"critic_model": "stand-in"}
+
+    def score(self, conversations, sources=None):
+        from types import SimpleNamespace
+
+        import numpy as np
+
+        self.star_queries.extend(conversations)
+        return SimpleNamespace(p_unsafe=np.zeros(len(conversations)))
+
+    def annotate(self, examples):
+        return {self._column: [0.0] * len(examples)}
+
+    def close(self):
+        pass
+
+
+def _annotate_peak_bytes(response, policy_dir, out_dir):
+    """Peak Python memory of annotating three rows, the middle one with `response`."""
+    import tracemalloc
+
+    rows = [{"prompt": "short", "response": "fine"}, {"prompt": "long", "response": response},
+            {"prompt": "again", "response": "ok"}]
+    out_dir.mkdir()
+    corpus = out_dir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(AnnotateConfig, {
+        "corpus": {"path": str(corpus)}, "policy": policy_dir, "output_dir": str(out_dir / "o"),
+        "critic": {"model": "stand-in"}, "star": {"enabled": True, "segment_tokens": 32},
+        "tokenization": {"max_length": 256}})
+    tracemalloc.start()
+    try:
+        result = run_module.annotate(cfg)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("response_bytes",
+                         [50_000, pytest.param(1_000_000, marks=pytest.mark.slow)])
+def test_a_huge_response_costs_a_bounded_multiple_of_its_size(
+        response_bytes, policy_dir, tmp_path, monkeypatch):
+    """A 1 MB response is truncated (and reported) like any long one; STAR scores only the
+    tokens training keeps, so memory grows by a small multiple of the row, not quadratically."""
+    import safekeel.data.guard.critic as critic_module
+
+    critic = StandInCritic()
+    monkeypatch.setattr(critic_module, "make_critic", lambda settings, star=False: critic)
+    _annotate_peak_bytes("warm up", policy_dir, tmp_path / "warm")
+    _, base = _annotate_peak_bytes("a short answer", policy_dir, tmp_path / "base")
+    critic.star_queries.clear()
+    words = " ".join(f"w{i % 1000}" for i in range(response_bytes // 5))[:response_bytes]
+    result, peak = _annotate_peak_bytes(words, policy_dir, tmp_path / "huge")
+    assert result.rows_written == 3
+    assert result.tokenization_issues == {"response_truncated": 1}
+    longest = max(len(q[-1]["content"]) for q in critic.star_queries)
+    assert len(critic.star_queries) <= 3 * (256 // 32) and longest < 256 * 8
+    grown = peak - base
+    assert grown < 40 * response_bytes, f"{grown / 1e6:.1f} MB more for a {response_bytes} B row"

@@ -242,3 +242,107 @@ def test_unknown_shape_is_explained(tmp_path):
     path = write_jsonl(tmp_path / "u.jsonl", [{"foo": "a", "bar": "b"}])
     with pytest.raises(CorpusError, match="cannot tell the shape from columns bar, foo"):
         load_examples(corpus(path))
+
+
+# --------------------------------------------------------------------------- bad input (issue 11)
+# Each defect through every reader: the same message, the right row, nothing valid lost.
+
+def _chat(content):
+    return {"messages": [{"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": content}]}
+
+
+def _write_empty(tmp_path, fmt):
+    """An empty corpus in format `fmt`, and the path to give as corpus.path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "jsonl":
+        path = tmp_path / "empty.jsonl"
+        path.write_text("")
+    elif fmt == "json":
+        path = tmp_path / "empty.json"
+        path.write_text("[]")
+    elif fmt == "csv":
+        path = tmp_path / "empty.csv"
+        path.write_text("prompt,response\n")
+    elif fmt == "parquet":
+        path = tmp_path / "empty.parquet"
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string()),
+                                 "response": pa.array([], pa.string())}), path)
+    else:  # a hub-style dataset directory whose one data file is empty
+        (tmp_path / "repo" / "data").mkdir(parents=True)
+        (tmp_path / "repo" / "data" / "train-00000-of-00001.jsonl").write_text("")
+        return tmp_path / "repo", tmp_path / "repo" / "data" / "train-00000-of-00001.jsonl"
+    return path, path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "hub_dir"])
+def test_an_empty_corpus_is_one_error_naming_the_file(tmp_path, fmt):
+    from safekeel.data.corpus import count_rows
+
+    path, named = _write_empty(tmp_path, fmt)
+    for read in (load_examples, count_rows):
+        with pytest.raises(CorpusError) as err:
+            read(corpus(path))
+        assert str(named) in str(err.value) and "no rows" in str(err.value)
+
+
+def _write_typed_mix(tmp_path, fmt):
+    """Row 0 valid (the response is the string "4"), row 1 and 2 bad, row 3 valid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt in ("jsonl", "json", "hub_dir"):
+        rows = [_chat("4"), _chat(5), _chat(None), _chat("6")]
+        if fmt == "json":
+            path = tmp_path / "mix.json"
+            path.write_text(json.dumps(rows))
+            return path, path, "not a string"
+        folder = tmp_path / "repo" / "data" if fmt == "hub_dir" else tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        path = write_jsonl(folder / ("train-00000-of-00001.jsonl" if fmt == "hub_dir"
+                                     else "mix.jsonl"), rows)
+        return (tmp_path / "repo" if fmt == "hub_dir" else path), path, "not a string"
+    if fmt == "csv":
+        # CSV holds text only: a number-like cell stays text, an empty cell is missing
+        path = tmp_path / "mix.csv"
+        path.write_text('prompt,response\n2+2?,4\n2+3?,\n2+4?,\n2+5?,6\n')
+        return path, path, "missing"
+    path = tmp_path / "mix.parquet"  # a Parquet column has one type: nulls are the defect
+    pq.write_table(pa.table({"prompt": ["2+2?"] * 4, "response": ["4", None, None, "6"]}), path)
+    return path, path, "missing"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "hub_dir"])
+def test_values_reach_validation_as_the_file_holds_them(tmp_path, fmt):
+    path, named, reason = _write_typed_mix(tmp_path, fmt)
+    with pytest.raises(CorpusError) as err:
+        load_examples(corpus(path))
+    message = str(err.value)
+    assert message.startswith(f"{named}, row 1, field '") and reason in message
+    report = LoadReport()
+    kept = load_examples(corpus(path, on_bad_row="skip"), report)
+    assert [e["messages"][-1]["content"] for e in kept] == ["4", "6"]
+    assert report.to_dict()["rows_skipped"] == 2 and report.rows_kept == 2
+
+
+def test_csv_cells_are_text_as_written(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('id,prompt,response\n007,NA,null\n8,None,1e3\n')
+    first, second = load_examples(corpus(path))
+    assert first["id"] == "007" and first["messages"][0]["content"] == "NA"
+    assert first["messages"][1]["content"] == "null" and second["messages"][1]["content"] == "1e3"
+
+
+def test_unparsable_and_non_object_lines_are_bad_rows_that_skip_counts(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": \n[1, 2]\n'
+                     b'{"prompt": "caf\xe9", "response": "x"}\n\n{"prompt": "c", "response": "d"}\n')
+    with pytest.raises(CorpusError, match=r"m.jsonl, row 1: invalid JSON"):
+        load_examples(corpus(path))
+    report = LoadReport()
+    kept = load_examples(corpus(path, on_bad_row="skip"), report)
+    assert [e["messages"][0]["content"] for e in kept] == ["a", "c"]
+    assert report.to_dict()["skipped_by_reason"] == {
+        "invalid JSON": 1, "not an object": 1, "not valid UTF-8": 1}

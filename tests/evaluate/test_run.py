@@ -441,3 +441,39 @@ def test_smollm2_through_the_transformers_backend(tmp_path, shared_data):
     assert keyword.n == 4 and result.provenance["parameters"] > 100_000_000
     responses = pq.read_table(result.harmful[0].generation.path).column("response").to_pylist()
     assert len(responses) == 4 and all(response.strip() for response in responses)
+
+
+# ------------------------------------------------------------------------- cache and the hub
+
+
+def test_generations_of_an_unpinned_hub_model_are_not_reused(tmp_path, tiny_model_dir,
+                                                            monkeypatch, caplog):
+    """A hub name has no revision: the model behind it may have changed since the cache was
+    written, so its generations are made again (and the log says why); a local copy's are
+    reused."""
+    from safekeel.evaluate import run as run_module
+    from safekeel.evaluate.generation import Checkpoint, GenerationSettings, resolve_checkpoint
+
+    prompts = PromptSet("p", "harmful", "inline", [
+        EvalPrompt(f"q{i}", f"question {i}", [{"role": "user", "content": f"question {i}"}])
+        for i in range(2)])
+    settings = GenerationSettings(backend="transformers", max_new_tokens=3, batch_size=2)
+    built = []
+    original = run_module.make_generator
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "make_generator", counting)
+    # the tiny model stands in for the hub download (offline): only the kind matters here
+    hub = Checkpoint("owner/tiny", "tiny", "hub", str(tiny_model_dir), None, "hub:owner/tiny",
+                     {"spec": "owner/tiny", "kind": "hub", "path": "owner/tiny"})
+    local = resolve_checkpoint(str(tiny_model_dir))
+    for checkpoint in (hub, local):
+        for _ in range(2):
+            out = run_module.generate_checkpoint(checkpoint, [(prompts, None)], settings,
+                                                 tmp_path / checkpoint.kind)
+    assert len(built) == 3  # the hub model twice, the local one once
+    assert out["p"].cached
+    assert "not pinned to a revision" in caplog.text and "owner/tiny" in caplog.text

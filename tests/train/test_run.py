@@ -458,3 +458,66 @@ def test_risk_options_reach_the_weight_policy():
     with pytest.raises(ConfigError, match="risk: .*linear schedule.*low"):
         from_dict(TrainConfig, {"method": "adaptive", "risk": {
             "schedule": "linear", "schedule_options": {"low": 0.9, "high": 0.1}}})
+
+
+@pytest.mark.parametrize("change", ["config", "shards"])
+def test_a_resume_that_would_mix_two_runs_is_refused(change, tiny_model_dir, tiny_tokenizer,
+                                                     tmp_path):
+    """A checkpoint left by a crash continues only the run that wrote it: a rerun with another
+    learning rate, or on shards whose content changed in place, is refused with a message."""
+    shards_dir = write_shards(tmp_path / "shards", 12, tokenizer_fingerprint(tiny_tokenizer))
+    out = tmp_path / "out"
+    train(make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1))
+    if change == "config":
+        rerun = make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1,
+                            learning_rate=5e-3)
+        expected = "config.learning_rate: 0.01 -> 0.005"
+    else:
+        write_shards(shards_dir, 12, tokenizer_fingerprint(tiny_tokenizer),
+                     critic=lambda i: 0.9)  # same path, other scores
+        rerun = make_config(tiny_model_dir, shards_dir, out, max_steps=2, save_every=1)
+        expected = "shards_sha256"
+    with pytest.raises(run_module.ResumeError, match="written by a run with other settings") as err:
+        train(rerun)
+    assert expected in str(err.value)
+
+
+def test_a_rerun_may_change_how_results_are_shown(tiny_model_dir, shards, tmp_path):
+    out = tmp_path / "out"
+    train(make_config(tiny_model_dir, shards, out, max_steps=2, save_every=1))
+    again = train(make_config(tiny_model_dir, shards, out, max_steps=2, save_every=2,
+                              progress_bar=True))
+    assert again.resumed_from_step == 2
+
+
+def test_a_log_line_cut_by_a_kill_does_not_stop_the_rerun(tiny_model_dir, shards, tmp_path,
+                                                          monkeypatch):
+    """A kill can land while a step's log line is being appended: the rerun drops the cut
+    line with the other steps past its checkpoint, and its log equals a straight run's."""
+    def config(out):
+        return make_config(tiny_model_dir, shards, out, epochs=2, max_steps=4, save_every=2)
+
+    straight = tmp_path / "straight"
+    train(config(straight))
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    original = run_module.token_objective
+
+    def crash_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "token_objective", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(config(out))
+    monkeypatch.setattr(run_module, "token_objective", original)
+    with (out / "train_log.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 1.2')  # what a kill mid-write leaves
+    result = train(config(out))
+    assert result.resumed_from_step == 2
+    def without_timings(lines):
+        return [{k: v for k, v in line.items() if "second" not in k} for line in lines]
+
+    assert without_timings(read_log(out)) == without_timings(read_log(straight))
