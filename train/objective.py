@@ -368,7 +368,7 @@ def precomputed_token_kl(
 
 
 def _check_precomputed_estimator(estimator: str, ref: PrecomputedReference) -> None:
-    if estimator == "reverse":
+    if estimator not in PRECOMPUTED_ESTIMATORS:  # reverse
         raise ObjectiveInputError(
             "reverse KL sums over the policy's whole distribution and needs the reference's "
             "log-prob of every token; a precomputed reference stores only the target token and "
