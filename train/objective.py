@@ -33,13 +33,17 @@ per response token (the reference's log-prob of the target token, and its top-k 
 log-probs). Then no reference model runs at all:
 
 * k1, k2, k3 read only log q(y): exact, the same values and gradients as with live logits.
-* forward is taken over the k stored tokens plus one bucket for the rest of the vocabulary:
-  KL_t ~= sum_{v in top-k} q(v) log(q(v)/p(v)) + q_rest log(q_rest / p_rest), with
-  q_rest = 1 - sum_{top-k} q(v) and p_rest = 1 - sum_{top-k} p(v) (taken as a logsumexp of
-  the policy's log-probs outside the top-k, which is the same number without cancellation).
+* forward: let S be the k stored tokens plus the label token when it is not among them
+  (its log q is stored anyway); every token outside S goes into one bucket:
+  KL_t ~= sum_{v in S} q(v) log(q(v)/p(v)) + q_rest log(q_rest / p_rest), with
+  q_rest = 1 - sum_S q(v) and p_rest = 1 - sum_S p(v) (taken as a logsumexp of the
+  policy's log-probs outside S, which is the same number without cancellation).
   This is a lower bound of the exact forward KL (merging outcomes never raises a KL, by the
-  log-sum inequality), equal to it when the top-k covers the vocabulary; the error left is
-  measured in benchmarks/bench_ref_topk.py. Gradients flow through p only.
+  log-sum inequality), equal to it when S covers the vocabulary. Giving the label its own
+  term tightens the bound where it matters: training moves the policy's mass onto the
+  label, and inside the bucket that mass would hide the policy's drop on the reference's
+  tail. The error left is measured in benchmarks/bench_ref_topk.py. Gradients flow
+  through p only.
 * reverse needs q on every token the policy puts mass on: refused.
 
 Memory
@@ -326,27 +330,54 @@ def stack_precomputed(
     return PrecomputedReference(target, ids, logprobs)
 
 
-def topk_forward_kl(policy_logp: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
+def topk_forward_kl(
+    policy_logp: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    target_ids: Tensor | None = None,
+    target_logprobs: Tensor | None = None,
+) -> Tensor:
     """Forward KL(q || p) [N] over the reference's top-k plus one bucket for the rest.
 
     policy_logp [N, V] (carries the gradient); topk_ids [N, k] distinct ids per row and
-    topk_logprobs [N, k] the reference's log q at those ids (constants).
+    topk_logprobs [N, k] the reference's log q at those ids (constants). With target_ids
+    [N] and target_logprobs [N] (log q of the label token, stored anyway), a label outside
+    the top-k gets its own term instead of joining the rest bucket: a finer split, so a
+    tighter lower bound, at no storage cost. It matters because training moves the
+    policy's mass onto the label: left in the bucket, that mass hides the policy's drop
+    on the rest of the reference's tail.
     """
     vocab = policy_logp.shape[-1]
     k = topk_ids.shape[-1]
     if k > vocab:
         raise ObjectiveInputError(f"top-k of {k} ids for a vocabulary of {vocab}")
+    if (target_ids is None) != (target_logprobs is None):
+        raise ObjectiveInputError("give both target_ids and target_logprobs, or neither")
     ref_logq = topk_logprobs.detach().to(policy_logp.dtype)
     ref_q = ref_logq.exp()
-    policy_top = policy_logp.gather(-1, topk_ids)
-    kl = (ref_q * (ref_logq - policy_top)).sum(-1)
-    if k == vocab:
-        return kl  # the rest bucket is empty
-    # rounding can leave the stored top-k a hair above 1; a negative mass means none
+    # ids with their own term: the top-k, and the label where it is not among them
+    ids, weight = topk_ids, torch.ones_like(ref_q)
+    if target_ids is not None and target_logprobs is not None:
+        outside = (topk_ids != target_ids[:, None]).all(-1)
+        ids = torch.cat([topk_ids, target_ids[:, None]], -1)
+        ref_logq = torch.cat([ref_logq, target_logprobs.detach().to(ref_logq.dtype)[:, None]], -1)
+        ref_q = ref_logq.exp()
+        weight = torch.cat([weight, outside[:, None].to(weight.dtype)], -1)
+    ref_q = ref_q * weight  # a label inside the top-k is not counted twice
+    policy_own = policy_logp.gather(-1, ids)
+    kl = (ref_q * (ref_logq - policy_own)).sum(-1)
+    covered = weight.sum(-1)  # distinct ids with their own term
+    rest_empty = covered >= vocab
+    if bool(rest_empty.all()):
+        return kl
+    # rounding can leave the stored mass a hair above 1; a negative rest means none
     ref_rest = (1.0 - ref_q.sum(-1)).clamp(min=0.0)
-    # log of the policy's mass outside the top-k, without the cancellation of 1 - sum p
-    policy_rest = policy_logp.scatter(-1, topk_ids, float("-inf")).logsumexp(-1)
-    return kl + torch.xlogy(ref_rest, ref_rest) - ref_rest * policy_rest
+    # log of the policy's mass outside those ids, without the cancellation of 1 - sum p;
+    # a finite floor (not -inf) keeps the gradient of an empty rest at zero, not NaN
+    floor = torch.finfo(policy_logp.dtype).min
+    policy_rest = policy_logp.scatter(-1, ids, floor).logsumexp(-1)
+    rest = torch.xlogy(ref_rest, ref_rest) - ref_rest * policy_rest
+    return kl + torch.where(rest_empty, torch.zeros_like(rest), rest)
 
 
 def precomputed_token_kl(
@@ -360,7 +391,10 @@ def precomputed_token_kl(
     _check_estimator(estimator, log_ratio_clamp)
     _check_precomputed_estimator(estimator, ref)
     if estimator == "forward":
-        return topk_forward_kl(policy_logp, ref.topk_ids, ref.topk_logprobs)  # type: ignore[arg-type]
+        return topk_forward_kl(
+            policy_logp, ref.topk_ids, ref.topk_logprobs,  # type: ignore[arg-type]
+            labels, ref.target_logprob,
+        )
     return target_token_kl(
         token_log_prob(policy_logp, labels), ref.target_logprob.detach().to(policy_logp.dtype),
         estimator, log_ratio_clamp,

@@ -88,42 +88,72 @@ def test_full_vocabulary_top_k_is_the_exact_forward_kl():
     assert_same(objective(prob, "forward", k=V, chunk_size=5), objective(prob, "forward"), 1e-5)
 
 
-def coarse_forward_kl(logp: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """float64 textbook KL between q and p with every token outside `ids` merged into one."""
+def coarse_forward_kl(logp, logq, ids, labels=None) -> torch.Tensor:
+    """float64 textbook KL between q and p with every token outside `ids` (and the label,
+    when given) merged into one."""
     out = []
     for row in range(logp.shape[0]):
         p, q = logp[row].double().exp(), logq[row].double().exp()
-        top = ids[row].tolist()
-        kl = sum(q[v] * torch.log(q[v] / p[v]) for v in top)
-        q_rest, p_rest = 1 - q[top].sum(), 1 - p[top].sum()
+        own = set(ids[row].tolist()) | ({int(labels[row])} if labels is not None else set())
+        own = sorted(own)
+        kl = sum(q[v] * torch.log(q[v] / p[v]) for v in own)
+        q_rest, p_rest = 1 - q[own].sum(), 1 - p[own].sum()
         out.append(kl + q_rest * torch.log(q_rest / p_rest))
     return torch.stack(out)
 
 
+def random_pair(seed: int, rows: int = 6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, V, generator=g, dtype=dtype) * 2
+    logq = (torch.randn(rows, V, generator=g, dtype=dtype) * 2).log_softmax(-1)
+    labels = torch.randint(0, V, (rows,), generator=g)
+    return logits, logq, labels
+
+
 @pytest.mark.parametrize("k", [1, 4, 12])
-def test_top_k_forward_kl_is_the_bucketed_kl_and_a_lower_bound(k):
-    g = torch.Generator().manual_seed(k)
-    logp = (torch.randn(6, V, generator=g) * 2).log_softmax(-1)
-    logq = (torch.randn(6, V, generator=g) * 2).log_softmax(-1)
+@pytest.mark.parametrize("with_label", [False, True])
+def test_top_k_forward_kl_is_the_bucketed_kl_and_a_lower_bound(k, with_label):
+    logits, logq, labels = random_pair(k)
+    logp = logits.log_softmax(-1)
     top_logq, ids = logq.topk(k, dim=-1)
-    approx = topk_forward_kl(logp, ids, top_logq)
-    torch.testing.assert_close(approx.double(), coarse_forward_kl(logp, logq, ids), atol=1e-5, rtol=1e-5)
-    exact = token_kl(logp, logq, torch.zeros(6, dtype=torch.long), "forward")
+    labels[0] = ids[0, 0]  # one label inside the top-k: it must not count twice
+    extra = (labels, logq.gather(-1, labels[:, None]).squeeze(-1)) if with_label else ()
+    approx = topk_forward_kl(logp, ids, top_logq, *extra)
+    expected = coarse_forward_kl(logp, logq, ids, labels if with_label else None)
+    torch.testing.assert_close(approx.double(), expected, atol=1e-5, rtol=1e-5)
+    exact = token_kl(logp, logq, labels, "forward")
     assert bool((approx <= exact + 1e-6).all())
     assert bool((approx >= -1e-6).all())
+    if with_label:  # the finer split is at least as close to the exact value
+        assert bool((approx >= topk_forward_kl(logp, ids, top_logq) - 1e-6).all())
 
 
 @pytest.mark.parametrize("k", [1, 5])
-def test_top_k_forward_kl_gradient_matches_finite_differences(k):
-    g = torch.Generator().manual_seed(7)
-    logits = torch.randn(4, V, generator=g, dtype=torch.float64, requires_grad=True)
-    logq = torch.randn(4, V, generator=g, dtype=torch.float64).log_softmax(-1)
+@pytest.mark.parametrize("with_label", [False, True])
+def test_top_k_forward_kl_gradient_matches_finite_differences(k, with_label):
+    logits, logq, labels = random_pair(7, rows=4, dtype=torch.float64)
+    logits.requires_grad_()
     top_logq, ids = logq.topk(k, dim=-1)
+    extra = (labels, logq.gather(-1, labels[:, None]).squeeze(-1)) if with_label else ()
 
     def kl_of_logits(x):
-        return topk_forward_kl(x.log_softmax(-1), ids, top_logq)
+        return topk_forward_kl(x.log_softmax(-1), ids, top_logq, *extra)
 
     assert torch.autograd.gradcheck(kl_of_logits, (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_label_completing_the_vocabulary_leaves_an_empty_rest_with_finite_gradient():
+    """k = V - 1 with the label outside the top-k: every token has its own term (exact)."""
+    logits, logq, _ = random_pair(11, rows=3, dtype=torch.float64)
+    logits.requires_grad_()
+    top_logq, ids = logq.topk(V - 1, dim=-1)
+    labels = logq.argmin(-1)  # the one token outside the top-(V-1)
+    approx = topk_forward_kl(logits.log_softmax(-1), ids, top_logq, labels,
+                             logq.gather(-1, labels[:, None]).squeeze(-1))
+    exact = token_kl(logits.log_softmax(-1), logq, labels, "forward")
+    torch.testing.assert_close(approx, exact, atol=1e-10, rtol=1e-10)
+    approx.sum().backward()
+    assert bool(torch.isfinite(logits.grad).all())
 
 
 def test_gradient_flows_through_the_policy_only():
