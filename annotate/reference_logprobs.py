@@ -37,13 +37,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from safekeel.data.tokenization import IGNORE_INDEX, TokenizationConfig, TokenizedExample
+from safekeel.data.tokenization import (
+    IGNORE_INDEX,
+    TokenizationConfig,
+    TokenizedExample,
+    tokenize_example,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -234,6 +239,33 @@ def reference_row(target: Sequence[float] | None, ids: Any, logprobs: Any) -> Re
         np.asarray(ids, dtype=np.int32).reshape(n, -1),
         np.asarray(logprobs, dtype=np.float32).reshape(n, -1),
     )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class ReferenceScorer(Protocol):
+    backend: str
+    compute_dtype: str
+
+    def score(self, examples: Sequence[TokenizedExample]) -> list[ReferenceRow]: ...
+
+
+def score_conversations(
+    scorer: ReferenceScorer,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    cfg: TokenizationConfig,
+) -> list[ReferenceRow | None]:
+    """Stored values for each conversation, tokenised exactly as training will.
+
+    None for a conversation training will not use (a `TokenizationIssue`: prompt too long,
+    no response tokens, template mismatch); training skips those rows too.
+    """
+    tokenized = [tokenize_example(tokenizer, list(messages), cfg) for messages in conversations]
+    usable = [t for t in tokenized if isinstance(t, TokenizedExample)]
+    scored = iter(scorer.score(usable) if usable else [])
+    return [next(scored) if isinstance(t, TokenizedExample) else None for t in tokenized]
 
 
 # --------------------------------------------------------------------------- transformers

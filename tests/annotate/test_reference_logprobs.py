@@ -32,6 +32,7 @@ from safekeel.annotate.reference_logprobs import (
     reference_fields,
     reference_row,
     response_positions,
+    score_conversations,
     storage_bytes_per_token,
     tokenization_settings,
 )
@@ -143,6 +144,18 @@ def test_batching_and_chunking_do_not_change_values(reference, tokenizer):
     for a, b in zip(one, many, strict=True):
         np.testing.assert_allclose(a.target_logprob, b.target_logprob, atol=1e-5)
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+
+
+def test_conversations_training_skips_get_no_values(reference, tokenizer):
+    model, _ = reference
+    cfg = TokenizationConfig(max_length=40, min_response_tokens=4)
+    long_prompt = chat("Tell me a long story about the sea and the wind and the rain. " * 3, "No.")
+    conversations = [CONVERSATIONS[0], long_prompt, CONVERSATIONS[3]]
+    rows = score_conversations(TransformersReferenceScorer(model, top_k=2), tokenizer,
+                               conversations, cfg)
+    assert rows[1] is None
+    for messages, row in zip([CONVERSATIONS[0], CONVERSATIONS[3]], [rows[0], rows[2]], strict=True):
+        assert row is not None and row.tokens == tokenize_example(tokenizer, messages, cfg).response_tokens
 
 
 def test_top_k_zero_stores_only_the_target(reference, tokenizer):
