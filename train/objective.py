@@ -26,6 +26,26 @@ Conventions
   stop receiving a KL gradient), as STAR-DSS's reference code clamps its estimator.
   The reference is always treated as a constant (no gradient flows into it).
 
+Precomputed reference
+---------------------
+Instead of reference logits, `ref` can be a `PrecomputedReference`: what annotate stored
+per response token (the reference's log-prob of the target token, and its top-k ids and
+log-probs). Then no reference model runs at all:
+
+* k1, k2, k3 read only log q(y): exact, the same values and gradients as with live logits.
+* forward: let S be the k stored tokens plus the label token when it is not among them
+  (its log q is stored anyway); every token outside S goes into one bucket:
+  KL_t ~= sum_{v in S} q(v) log(q(v)/p(v)) + q_rest log(q_rest / p_rest), with
+  q_rest = 1 - sum_S q(v) and p_rest = 1 - sum_S p(v) (taken as a logsumexp of the
+  policy's log-probs outside S, which is the same number without cancellation).
+  This is a lower bound of the exact forward KL (merging outcomes never raises a KL, by the
+  log-sum inequality), equal to it when S covers the vocabulary. Giving the label its own
+  term tightens the bound where it matters: training moves the policy's mass onto the
+  label, and inside the bucket that mass would hide the policy's drop on the reference's
+  tail. The error left is measured in benchmarks/bench_ref_topk.py. Gradients flow
+  through p only.
+* reverse needs q on every token the policy puts mass on: refused.
+
 Memory
 ------
 fp32 logits for [B, T, V] are never built. The caller passes either the [N, V] logits of
@@ -63,7 +83,7 @@ The accumulated gradient is then exactly grad(sum of all numerators / n).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +94,8 @@ from torch.utils.checkpoint import checkpoint
 
 KL_ESTIMATORS: tuple[str, ...] = ("forward", "reverse", "k1", "k2", "k3")
 FULL_VOCAB_ESTIMATORS: tuple[str, ...] = ("forward", "reverse")
+TARGET_TOKEN_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+PRECOMPUTED_ESTIMATORS: tuple[str, ...] = ("forward", "k1", "k2", "k3")
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -151,7 +173,7 @@ def lazy_masked_logits(
 
 def token_cross_entropy(policy_logp: Tensor, labels: Tensor) -> Tensor:
     """CE_t = -log p(y_t): [N] from log-probabilities [N, V] and labels [N]."""
-    return -policy_logp.gather(-1, labels[:, None]).squeeze(-1)
+    return -token_log_prob(policy_logp, labels)
 
 
 def token_kl(
@@ -171,8 +193,29 @@ def token_kl(
         return F.kl_div(policy_logp, ref_logp, reduction="none", log_target=True).sum(-1)
     if estimator == "reverse":
         return F.kl_div(ref_logp, policy_logp, reduction="none", log_target=True).sum(-1)
-    index = labels[:, None]
-    log_ratio = (policy_logp.gather(-1, index) - ref_logp.gather(-1, index)).squeeze(-1)
+    ref_target = ref_logp.gather(-1, labels[:, None]).squeeze(-1)
+    return target_token_kl(
+        token_log_prob(policy_logp, labels), ref_target, estimator, log_ratio_clamp
+    )
+
+
+def token_log_prob(logp: Tensor, labels: Tensor) -> Tensor:
+    """log p(y_t) [N] from log-probabilities [N, V] and labels [N]."""
+    return logp.gather(-1, labels[:, None]).squeeze(-1)
+
+
+def target_token_kl(
+    policy_target_logp: Tensor,
+    ref_target_logp: Tensor,
+    estimator: str,
+    log_ratio_clamp: float | None = None,
+) -> Tensor:
+    """k1, k2 or k3 [N] from log p(y_t) and log q(y_t) alone (see the module docstring)."""
+    if estimator not in TARGET_TOKEN_ESTIMATORS:
+        raise ObjectiveInputError(
+            f"{estimator!r} is not a target-token estimator ({', '.join(TARGET_TOKEN_ESTIMATORS)})"
+        )
+    log_ratio = policy_target_logp - ref_target_logp
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     if estimator == "k1":
@@ -196,6 +239,181 @@ def _check_estimator(estimator: str, log_ratio_clamp: float | None) -> None:
         )
     if not log_ratio_clamp > 0:
         raise ObjectiveInputError(f"log_ratio_clamp must be > 0, got {log_ratio_clamp}")
+
+
+# --------------------------------------------------------------------------- precomputed
+
+
+@dataclass(frozen=True)
+class PrecomputedReference:
+    """The reference's stored log-probs for N response positions, in the mask's row order.
+
+    target_logprob: [N] float32, log q(y_t) of the label token.
+    topk_ids: [N, k] integer ids of the reference's k most likely tokens (distinct per row),
+        or None when only the target was stored (then only k1, k2, k3 can be computed).
+    topk_logprobs: [N, k] float32 log q of those ids, or None with topk_ids.
+    """
+
+    target_logprob: Tensor
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_logprob.dim() != 1 or not self.target_logprob.is_floating_point():
+            raise ObjectiveInputError(
+                "PrecomputedReference.target_logprob must be a float [N] tensor, got "
+                f"{self.target_logprob.dtype} {list(self.target_logprob.shape)}"
+            )
+        if (self.topk_ids is None) != (self.topk_logprobs is None):
+            raise ObjectiveInputError("give both topk_ids and topk_logprobs, or neither")
+        if self.topk_ids is None or self.topk_logprobs is None:
+            return
+        n = self.target_logprob.shape[0]
+        if self.topk_ids.dim() != 2 or self.topk_ids.shape[0] != n or self.topk_ids.is_floating_point():
+            raise ObjectiveInputError(
+                f"topk_ids must be an integer [{n}, k] tensor, got "
+                f"{self.topk_ids.dtype} {list(self.topk_ids.shape)}"
+            )
+        if self.topk_logprobs.shape != self.topk_ids.shape or not self.topk_logprobs.is_floating_point():
+            raise ObjectiveInputError(
+                f"topk_logprobs must be a float tensor shaped like topk_ids {list(self.topk_ids.shape)}, "
+                f"got {self.topk_logprobs.dtype} {list(self.topk_logprobs.shape)}"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.target_logprob.shape[0]
+
+    @property
+    def k(self) -> int:
+        return 0 if self.topk_ids is None else self.topk_ids.shape[1]
+
+    def slice(self, start: int, end: int) -> PrecomputedReference:
+        return PrecomputedReference(
+            self.target_logprob[start:end],
+            None if self.topk_ids is None else self.topk_ids[start:end],
+            None if self.topk_logprobs is None else self.topk_logprobs[start:end],
+        )
+
+
+def stack_precomputed(
+    examples: Sequence[PrecomputedReference], response_mask: Tensor
+) -> PrecomputedReference:
+    """One micro-batch's PrecomputedReference from its rows' stored values, in mask order.
+
+    Row i's values must cover exactly the response positions of row i of `response_mask`
+    ([B, T-1], aligned to the shifted logits); a count that differs means the shard was
+    tokenised differently from this run (another tokenizer, template or max_length).
+    """
+    if response_mask.dim() != 2 or len(examples) != response_mask.shape[0]:
+        raise ObjectiveInputError(
+            f"{len(examples)} rows of reference values for a mask of shape "
+            f"{list(response_mask.shape)}"
+        )
+    counts = response_mask.sum(1).tolist()
+    for i, (example, count) in enumerate(zip(examples, counts, strict=True)):
+        if example.rows != count:
+            raise ObjectiveInputError(
+                f"row {i}: the precomputed reference covers {example.rows} response tokens, "
+                f"this tokenisation has {count}; the shard was annotated with another "
+                "tokenizer, chat template or max_length"
+            )
+    ks = {example.k for example in examples}
+    if len(ks) != 1:
+        raise ObjectiveInputError(f"rows carry different top-k sizes: {sorted(ks)}")
+    device = response_mask.device
+    target = torch.cat([e.target_logprob for e in examples]).to(device, torch.float32)
+    if ks == {0}:
+        return PrecomputedReference(target)
+    ids = torch.cat([e.topk_ids for e in examples]).to(device, torch.int64)  # type: ignore[misc]
+    logprobs = torch.cat([e.topk_logprobs for e in examples]).to(device, torch.float32)  # type: ignore[misc]
+    return PrecomputedReference(target, ids, logprobs)
+
+
+def topk_forward_kl(
+    policy_logp: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    target_ids: Tensor | None = None,
+    target_logprobs: Tensor | None = None,
+) -> Tensor:
+    """Forward KL(q || p) [N] over the reference's top-k plus one bucket for the rest.
+
+    policy_logp [N, V] (carries the gradient); topk_ids [N, k] distinct ids per row and
+    topk_logprobs [N, k] the reference's log q at those ids (constants). With target_ids
+    [N] and target_logprobs [N] (log q of the label token, stored anyway), a label outside
+    the top-k gets its own term instead of joining the rest bucket: a finer split, so a
+    tighter lower bound, at no storage cost. It matters because training moves the
+    policy's mass onto the label: left in the bucket, that mass hides the policy's drop
+    on the rest of the reference's tail.
+    """
+    vocab = policy_logp.shape[-1]
+    k = topk_ids.shape[-1]
+    if k > vocab:
+        raise ObjectiveInputError(f"top-k of {k} ids for a vocabulary of {vocab}")
+    if (target_ids is None) != (target_logprobs is None):
+        raise ObjectiveInputError("give both target_ids and target_logprobs, or neither")
+    ref_logq = topk_logprobs.detach().to(policy_logp.dtype)
+    ref_q = ref_logq.exp()
+    # ids with their own term: the top-k, and the label where it is not among them
+    ids, weight = topk_ids, torch.ones_like(ref_q)
+    if target_ids is not None and target_logprobs is not None:
+        outside = (topk_ids != target_ids[:, None]).all(-1)
+        ids = torch.cat([topk_ids, target_ids[:, None]], -1)
+        ref_logq = torch.cat([ref_logq, target_logprobs.detach().to(ref_logq.dtype)[:, None]], -1)
+        ref_q = ref_logq.exp()
+        weight = torch.cat([weight, outside[:, None].to(weight.dtype)], -1)
+    ref_q = ref_q * weight  # a label inside the top-k is not counted twice
+    policy_own = policy_logp.gather(-1, ids)
+    kl = (ref_q * (ref_logq - policy_own)).sum(-1)
+    covered = weight.sum(-1)  # distinct ids with their own term
+    rest_empty = covered >= vocab
+    if bool(rest_empty.all()):
+        return kl
+    # rounding can leave the stored mass a hair above 1; a negative rest means none
+    ref_rest = (1.0 - ref_q.sum(-1)).clamp(min=0.0)
+    # log of the policy's mass outside those ids, without the cancellation of 1 - sum p;
+    # a finite floor (not -inf) keeps the gradient of an empty rest at zero, not NaN
+    floor = torch.finfo(policy_logp.dtype).min
+    policy_rest = policy_logp.scatter(-1, ids, floor).logsumexp(-1)
+    rest = torch.xlogy(ref_rest, ref_rest) - ref_rest * policy_rest
+    return kl + torch.where(rest_empty, torch.zeros_like(rest), rest)
+
+
+def precomputed_token_kl(
+    policy_logp: Tensor,
+    ref: PrecomputedReference,
+    labels: Tensor,
+    estimator: str,
+    log_ratio_clamp: float | None = None,
+) -> Tensor:
+    """Per-token KL_t [N] against stored reference values (see "Precomputed reference")."""
+    _check_estimator(estimator, log_ratio_clamp)
+    _check_precomputed_estimator(estimator, ref)
+    if estimator == "forward":
+        return topk_forward_kl(
+            policy_logp, ref.topk_ids, ref.topk_logprobs,  # type: ignore[arg-type]
+            labels, ref.target_logprob,
+        )
+    return target_token_kl(
+        token_log_prob(policy_logp, labels), ref.target_logprob.detach().to(policy_logp.dtype),
+        estimator, log_ratio_clamp,
+    )
+
+
+def _check_precomputed_estimator(estimator: str, ref: PrecomputedReference) -> None:
+    if estimator not in PRECOMPUTED_ESTIMATORS:  # reverse
+        raise ObjectiveInputError(
+            "reverse KL sums over the policy's whole distribution and needs the reference's "
+            "log-prob of every token; a precomputed reference stores only the target token and "
+            "its top-k. Use kl estimator forward (top-k plus rest), k2 or k3, or a live "
+            "reference model for reverse"
+        )
+    if estimator == "forward" and ref.k == 0:
+        raise ObjectiveInputError(
+            "forward KL from a precomputed reference needs its top-k log-probs; these were "
+            "stored without them (k = 0): annotate with top-k, or use k1, k2 or k3"
+        )
 
 
 # --------------------------------------------------------------------------- the objective
@@ -222,7 +440,7 @@ def token_objective(
     labels: Tensor,
     ce_weight: Tensor,
     kl_weight: Tensor,
-    ref: Logits | None = None,
+    ref: Logits | PrecomputedReference | None = None,
     *,
     kl_estimator: str = "forward",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -234,7 +452,8 @@ def token_objective(
     policy: [N, V] logits or LazyLogits of the response positions (with gradient).
     labels: [N] label token ids. ce_weight, kl_weight: [N] a(t) and b(t), e.g.
         `weights.a[mask]`, `weights.b[mask]` from `train.weights`.
-    ref: the reference's logits for the same positions, or None. None is allowed only
+    ref: the reference's logits for the same positions, or its stored values
+        (`PrecomputedReference`, see the module docstring), or None. None is allowed only
         when kl_weight is 0 everywhere (then no reference forward is needed).
     recompute: checkpoint each chunk (default: whenever gradients are enabled).
     Divide `numerator` by the step's token count with `normalise`.
@@ -255,6 +474,10 @@ def token_objective(
             raise ObjectiveInputError(
                 "kl_weight is non-zero for some tokens but no reference logits were given"
             )
+    elif isinstance(ref, PrecomputedReference):
+        _check_precomputed_estimator(kl_estimator, ref)
+        if ref.rows != n:
+            raise ObjectiveInputError(f"precomputed ref has {ref.rows} rows, policy has {n}")
     elif _rows(ref) != n:
         raise ObjectiveInputError(f"ref has {_rows(ref)} rows, policy has {n}")
     if n > 0 and int(labels.min()) < 0:
@@ -275,7 +498,18 @@ def token_objective(
         ce = token_cross_entropy(policy_logp, chunk_labels)
         weighted = ce_weight[start:end] * ce
         kl = None
-        if ref is not None:
+        if isinstance(ref, PrecomputedReference):
+            stored = ref.slice(start, end)
+            if stored.k and int(stored.topk_ids.max()) >= vocab:  # type: ignore[union-attr]
+                raise ObjectiveInputError(
+                    f"precomputed top-k id {int(stored.topk_ids.max())} is outside the "  # type: ignore[union-attr]
+                    f"vocabulary of {vocab}"
+                )
+            kl = precomputed_token_kl(
+                policy_logp, stored, chunk_labels, kl_estimator, log_ratio_clamp
+            )
+            weighted = weighted + kl_weight[start:end] * kl
+        elif ref is not None:
             with torch.no_grad():
                 ref_logits = _logits_chunk(ref, start, end)
             if ref_logits.shape[-1] != vocab:
