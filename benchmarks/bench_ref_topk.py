@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from benchlib import add_common_arguments, say
 
 from safekeel.annotate.reference_logprobs import (
     ReferenceRow,
@@ -63,15 +64,12 @@ from safekeel.train.objective import (
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA = SHARED / "nlsr_finetune" / "sst2" / "train_merged_n1000_p0.2.json"
 MODEL = "smollm2-135m-instruct"
+EXACT_DTYPE = "float32"  # errors of the top-k bucket alone, not of a lower precision
 KS = (4, 8, 16, 32, 64)
 # the rest bucket alone, and with the label token split out of it (what training uses)
 VARIANTS = ("top-k + rest", "top-k + label + rest")
 TRAINED_VARIANT = VARIANTS[1]
 RELATIVE_FLOOR = 1e-3  # relative error only where the exact KL is at least this (nats)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def tokenized_rows(tokenizer, count_sft: int, max_tokens: int, max_length: int, seed: int):
@@ -128,7 +126,7 @@ def sft(model, examples, *, steps: int, snapshots: set[int], batch_size: int, lr
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        log(f"sft step {step}/{steps}: CE {loss.item():.3f} on {n} tokens")
+        say(f"sft step {step}/{steps}: CE {loss.item():.3f} on {n} tokens")
         if step in snapshots:
             kept[step] = copy.deepcopy(policy).eval().requires_grad_(False)
     return kept
@@ -167,7 +165,8 @@ def parquet_bytes_per_token(rows, k: int, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: few rows and steps")
+    # an accuracy measurement: float32 by design (see the module docstring), so no --dtype
+    add_common_arguments(parser, dtype=False)
     parser.add_argument("--model", default=MODEL, help="reference model (alias or directory)")
     parser.add_argument("--tokens", type=int, default=2000, help="held-out response tokens")
     parser.add_argument("--sft-rows", type=int, default=32)
@@ -188,14 +187,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
-    log(f"loading {args.model} (float32), {args.threads} threads")
+    say(f"loading {args.model} ({EXACT_DTYPE}), {args.threads} threads")
     tokenizer = load_tokenizer(args.model)
-    reference = load_causal_lm(args.model, dtype="float32").requires_grad_(False)
+    reference = load_causal_lm(args.model, dtype=EXACT_DTYPE).requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sft_rows, held_out, tokens = tokenized_rows(
         tokenizer, args.sft_rows, args.tokens, args.max_length, args.seed
     )
-    log(f"{len(sft_rows)} SFT rows; {len(held_out)} held-out rows, {tokens} response tokens")
+    say(f"{len(sft_rows)} SFT rows; {len(held_out)} held-out rows, {tokens} response tokens")
 
     snapshots = sorted({min(n, args.sft_steps) for n in args.snapshots} | {args.sft_steps})
     policies = sft(reference, sft_rows, steps=args.sft_steps, snapshots=set(snapshots),
@@ -244,7 +243,7 @@ def main() -> None:
         so_far = np.concatenate(exact_parts[last])
         k16 = {v: summarise(so_far, np.concatenate(approx_parts[last, v, 16]),
                             np.concatenate(rest_parts[16])) for v in VARIANTS}
-        log(f"KL over {done}/{tokens} tokens, policy after {last} steps: mean exact "
+        say(f"KL over {done}/{tokens} tokens, policy after {last} steps: mean exact "
             f"{so_far.mean():.4f} nats; k=16 error of the sum: "
             + ", ".join(f"{v} {k16[v]['sum_rel']:.1%}" for v in VARIANTS))
 
@@ -293,9 +292,10 @@ def main() -> None:
                       f"{size['bytes_per_token_parquet_zstd']:>9.1f}", flush=True)
         results["by_steps"][step] = entry
     results["seconds"] = round(time.perf_counter() - started, 1)
-    log(f"done in {results['seconds']} s")
+    say(f"done in {results['seconds']} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    say("done")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from safekeel.annotate.reference_logprobs import (
     tokenization_settings,
 )
 from safekeel.data.shards import tokenizer_fingerprint
-from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+from safekeel.data.embedded.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
 from safekeel.data.tokenization import TokenizationConfig, tokenize_example
 from safekeel.train.data import TrainingExample, collate
 from safekeel.train.objective import (
