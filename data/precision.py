@@ -10,8 +10,11 @@ Mixed-precision autocast to bf16 pays that price on every layer.
     resolve_dtype("bfloat16")          -> "bfloat16", with a warning on a CPU without it
     resolve_mixed_precision("auto")    -> accelerate's "bf16" / "fp16" / "no" likewise
 
-The warning states the slowdown, measured once per process on a small matmul (well under a
-second even where bf16 is emulated). `describe_capability()` names what was detected, for
+Every model load resolves its dtype here: `data.engines` for every vLLM engine, the guard's
+and generation's transformers loads, training's autocast. The warning states the slowdown,
+measured once per process on a small matmul (well under a second even where bf16 is
+emulated); `safekeel.console` also prints it on the terminal, whose library warnings
+otherwise go to the log file. `describe_capability()` names what was detected, for
 logs and benchmark headers. The capability checks are small functions (`cpu_flags`,
 `cuda_available`, `cuda_bf16_supported`, `cuda_device_name`) so tests can replace them.
 """
@@ -150,7 +153,9 @@ def warn_if_emulated(dtype: str, *, what: str = "dtype") -> None:
         f"({torch.backends.cpu.get_cpu_capability()}; no AVX512-BF16/AMX): a {dtype} matmul "
         f"ran {ratio:.0f}x slower than float32 here just now ({EMULATED_RANGE} on AVX2 "
         f"machines), and the whole model slows down about as much. Use 'auto' or 'float32'.",
-        PrecisionWarning, stacklevel=3,
+        # one location (this line): under Python's default filter the same warning shows once
+        # per process, however many loads of the run ask for the same dtype
+        PrecisionWarning, stacklevel=1,
     )
 
 
