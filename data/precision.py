@@ -50,6 +50,9 @@ class PrecisionWarning(UserWarning):
     """A half-precision dtype was asked for on hardware that only emulates it."""
 
 
+_warned: set[str] = set()  # the PrecisionWarning messages this process has shown
+
+
 # --------------------------------------------------------------------------- capability
 
 
@@ -148,15 +151,19 @@ def warn_if_emulated(dtype: str, *, what: str = "dtype") -> None:
     ratio = cpu_slowdown(dtype)
     if ratio < WARN_SLOWDOWN:  # the flags say emulated, but the kernels cope (e.g. via oneDNN)
         return
-    warnings.warn(
+    message = (
         f"{what}={dtype!r} on a CPU without native {dtype} matmuls "
         f"({torch.backends.cpu.get_cpu_capability()}; no AVX512-BF16/AMX): a {dtype} matmul "
         f"ran {ratio:.0f}x slower than float32 here just now ({EMULATED_RANGE} on AVX2 "
-        f"machines), and the whole model slows down about as much. Use 'auto' or 'float32'.",
-        # one location (this line): under Python's default filter the same warning shows once
-        # per process, however many loads of the run ask for the same dtype
-        PrecisionWarning, stacklevel=1,
+        f"machines), and the whole model slows down about as much. Use 'auto' or 'float32'."
     )
+    # once per process, however many loads of a run ask for it (generation's cache key and
+    # its engine, the critic and the judge); Python's own once-per-location rule is undone by
+    # any filter change, and libraries change filters as they are imported
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, PrecisionWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- resolution

@@ -146,6 +146,7 @@ def cpu_bf16(monkeypatch) -> Callable[[bool], None]:
 
     monkeypatch.setattr(precision, "cuda_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_slowdown", lambda dtype: 42.0)
+    monkeypatch.setattr(precision, "_warned", set())  # each test sees its warnings
 
     def with_bf16(native: bool) -> None:
         flags = {"avx2", "fma", *(["avx512f", "avx512_bf16"] if native else [])}
