@@ -134,8 +134,23 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
     return list(pa.Table.from_pylist(sample).schema)
 
 
+def scoring_config_hash(cfg: AnnotateConfig) -> str:
+    """The config hash of the provenance: what decides the scores, not where they go, who
+    wrote which part, or on which engine (so either engine can resume the other's run)."""
+    values = dataclasses.asdict(
+        dataclasses.replace(cfg, output_dir="", num_workers=1, worker_index=0)
+    )
+    for engine_only in ("engine", "ray"):  # left out: hashes from before they existed hold
+        values.pop(engine_only)
+    return config_hash(values)
+
+
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
+    if cfg.engine == "ray":
+        from safekeel.annotate.ray_engine import annotate_on_ray
+
+        return annotate_on_ray(cfg)
     from safekeel.data.models import load_tokenizer
 
     started = time.perf_counter()
@@ -149,10 +164,7 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
         policy_tokenizer=cfg.policy,
         policy_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         code_version=code_version(),
-        # the hash names what decides the scores: not where they go or who wrote which part
-        config_hash=config_hash(
-            dataclasses.replace(cfg, output_dir="", num_workers=1, worker_index=0)
-        ),
+        config_hash=scoring_config_hash(cfg),
     )
     for annotator in annotators:
         for key, value in annotator.provenance().items():
@@ -202,13 +214,19 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     result.tokenization_issues = issues
     result.scores = score_summary(out, {c for a in annotators for c in a.columns})
     result.seconds = time.perf_counter() - started
-    # One entry per run, so the report of a resumed annotation still shows the first attempt.
-    report_path = out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json"
+    record_run(out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json", result)
+    return result
+
+
+def record_run(report_path: Path, result: AnnotateResult) -> None:
+    """Append this run to the report and print its summary.
+
+    One entry per run, so the report of a resumed annotation still shows the first attempt.
+    """
     runs = json.loads(report_path.read_text())["runs"] if report_path.exists() else []
     report_path.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
-    log.info("annotated %d rows into %s", result.rows_written, out)
+    log.info("annotated %d rows into %s", result.rows_written, result.output_dir)
     print(_summary(result))
-    return result
 
 
 def _rows_in(plan, index: int) -> int:
@@ -218,13 +236,19 @@ def _rows_in(plan, index: int) -> int:
 
 def _count_tokenization_issue(tokenizer, example, cfg: AnnotateConfig, issues: dict) -> None:
     """Rows the trainer will not be able to learn from are counted here, early, by reason."""
+    reason = tokenization_issue(tokenizer, example, cfg.tokenization)
+    if reason is not None:
+        issues[reason] = issues.get(reason, 0) + 1
+
+
+def tokenization_issue(tokenizer, example, tokenization) -> str | None:
+    """Why the trainer cannot use this row as it is (refused or truncated), or None."""
     if example[MESSAGES_COLUMN][-1]["role"] != "assistant":
-        return
-    tokenized = tokenize_example(tokenizer, example[MESSAGES_COLUMN], cfg.tokenization)
+        return None
+    tokenized = tokenize_example(tokenizer, example[MESSAGES_COLUMN], tokenization)
     if isinstance(tokenized, TokenizationIssue):
-        issues[tokenized.reason] = issues.get(tokenized.reason, 0) + 1
-    elif tokenized.truncated_tokens:
-        issues["response_truncated"] = issues.get("response_truncated", 0) + 1
+        return tokenized.reason
+    return "response_truncated" if tokenized.truncated_tokens else None
 
 
 def _finish_shard(cfg, index, examples, schema, provenance, annotators, manifest, result) -> None:
