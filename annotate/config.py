@@ -87,6 +87,12 @@ class AnnotateConfig:
             raise ConfigError(f"rows_per_shard: must be at least 1, got {self.rows_per_shard}")
         if not 1 <= self.row_group_size:
             raise ConfigError(f"row_group_size: must be at least 1, got {self.row_group_size}")
+        if self.critic.data_parallel_size != 1:
+            # vLLM's data-parallel ranks would each annotate (and write) the whole corpus
+            raise ConfigError(
+                "critic.data_parallel_size: annotate does not split rows between vLLM ranks; "
+                "for data parallelism use engine=ray (ray.actors guard engines, one per "
+                f"ray.gpus_per_actor GPUs), got {self.critic.data_parallel_size}")
         if self.engine == "ray" and self.num_workers != 1:
             raise ConfigError("num_workers: engine=ray schedules the work itself; leave "
                               f"num_workers at 1, got {self.num_workers}")

