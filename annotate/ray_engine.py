@@ -16,9 +16,9 @@ to the guard's work (scores and the corpus's own text), so one writer keeps up w
 and the output needs no filesystem shared between machines. STAR's prefixes of a response
 are scored inside the actor that got the row, so they share that engine's prefix cache.
 
-Failures: Ray Data's defaults retry a read task whose worker or node died (3 times) and
-restart a dead actor elsewhere, redoing its batches in flight (no limit), so a dead node
-costs only its work in flight. If the driver dies, rerun the same command: finished shards
+Failures: Ray Data's defaults rerun a read task whose worker or node died and restart a
+dead actor elsewhere, redoing its batches in flight (no retry limit), so a dead node costs
+only its work in flight. If the driver dies, rerun the same command: finished shards
 are kept.
 """
 
