@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from collections import defaultdict
@@ -68,8 +67,6 @@ from safekeel.data.shards import (
     tokenizer_fingerprint,
 )
 
-log = logging.getLogger(__name__)
-
 PROVENANCE_COLUMN = {"guard": "_provenance_guard", "probe": "_provenance_probe"}
 
 
@@ -77,7 +74,7 @@ PROVENANCE_COLUMN = {"guard": "_provenance_guard", "probe": "_provenance_probe"}
 
 
 def connect(settings: RayConfig) -> bool:
-    """Join the cluster (`address`, else RAY_ADDRESS) or start a local Ray; True if we started it."""
+    """Join the cluster (`address`, else RAY_ADDRESS) or start a local Ray (then True)."""
     import ray
 
     if ray.is_initialized():

@@ -68,11 +68,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         work = Path(tmp)
         if args.quick:
-            from safekeel.data.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+            from safekeel.data.tiny_models import (
+                build_tiny_llama,
+                build_tokenizer,
+                save_tiny_model,
+            )
 
             tokenizer = build_tokenizer(model_max_length=1024)
-            guard = str(save_tiny_model(work / "guard", tokenizer=tokenizer, model=build_tiny_llama(
-                tokenizer, max_position_embeddings=1024, seed=0)))
+            model = build_tiny_llama(tokenizer, max_position_embeddings=1024, seed=0)
+            guard = str(save_tiny_model(work / "guard", tokenizer=tokenizer, model=model))
             policy = str(save_tiny_model(work / "policy"))
         else:
             guard = policy = "smollm2-135m-instruct"
@@ -92,10 +96,11 @@ def main() -> None:
                 times[engine, rows] = run(work, f"{engine}-{rows}", {**base, **extra})
                 print(f"  {engine:5s} {rows:4d} rows: {times[engine, rows]:7.1f} s", flush=True)
 
-    print(f"annotate, critic + STAR (32-token segments), guard {'tiny random' if args.quick else 'SmolLM2-135M'}"
-          f" on vLLM-CPU, {n} and {2 * n} Alpaca rows; ray: local Ray, 2 CPUs, 1 guard actor")
-    print(f"  {'engine':6s} {'t(N) s':>8s} {'t(2N) s':>8s} {'rows/s N':>9s} {'steady rows/s':>14s} "
-          f"{'fixed s':>8s}")
+    guard_name = "tiny random" if args.quick else "SmolLM2-135M"
+    print(f"annotate, critic + STAR (32-token segments), guard {guard_name} on vLLM-CPU, "
+          f"{n} and {2 * n} Alpaca rows; ray: local Ray, 2 CPUs, 1 guard actor")
+    print(f"  {'engine':6s} {'t(N) s':>8s} {'t(2N) s':>8s} {'rows/s N':>9s} "
+          f"{'steady rows/s':>14s} {'fixed s':>8s}")
     steady = {}
     for engine in ("local", "ray"):
         t1, t2 = times[engine, n], times[engine, 2 * n]

@@ -92,14 +92,16 @@ def test_ids_equal_the_local_readers_whatever_the_split(repeating_corpus, tiny_m
 def test_only_pending_shards_are_read_and_counted(repeating_corpus, tiny_model_dir):
     cfg = CorpusConfig(path=repeating_corpus, on_bad_row="skip")
     local = dict(iter_indexed_examples(cfg))
-    rows, report = ids_by_source_tasks(cfg, rows_per_shard=3, policy=tiny_model_dir, pending=frozenset({1}))
+    rows, report = ids_by_source_tasks(cfg, rows_per_shard=3, policy=tiny_model_dir,
+                                       pending=frozenset({1}))
     assert [r[ROW_COLUMN] for r in rows] == [4, 5]  # row 3 (shard 1) is the bad one
     assert [r[ID_COLUMN] for r in rows] == [local[4]["id"], local[5]["id"]]
     assert report.rows_read == 3 and report.rows_kept == 2
     assert dict(report.skipped) == {"empty response": 1}
 
 
-def test_first_bad_row_is_raised_as_the_local_reader_raises_it(repeating_corpus, tiny_model_dir, tmp_path):
+def test_first_bad_row_is_raised_as_the_local_reader_raises_it(repeating_corpus, tiny_model_dir,
+                                                              tmp_path):
     cfg = CorpusConfig(path=repeating_corpus)
     with pytest.raises(CorpusError) as local:
         list(iter_indexed_examples(cfg))
