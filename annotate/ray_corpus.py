@@ -174,7 +174,7 @@ def plan_ids(
     repeat_numbers = number[repeat & ~is_explicit]
 
     # Every bad row, in corpus order: (global row, source, row in source, field, message).
-    bad: list[tuple[int, int, int, str | None, str | None]] = []
+    bad: list[tuple[int, int, int, str | None, str]] = []
     for i, (start, scan) in enumerate(zip(starts, scans, strict=True)):
         bad += [(int(start) + r, i, r, f, m) for r, f, m in scan.bad if start + r < total]
     for row, first in zip(duplicate_rows.tolist(), duplicate_firsts.tolist(), strict=True):
@@ -183,17 +183,17 @@ def plan_ids(
     bad.sort()
 
     pending_bad = [b for b in bad if b[0] // rows_per_shard in pending_shards]
-    for global_row, i, row, fld, message in pending_bad:
-        if message is not None and message.startswith("@first "):
+    for _, i, row, fld, message in pending_bad:
+        if message.startswith("@first "):
+            if cfg.on_bad_row == "skip" and len(report.examples) >= 20:
+                report.skipped["duplicate id"] += 1  # its text would not be kept: no re-read
+                continue
             message, fld = _duplicate_message(cfg, sources, starts, shape, i, row,
                                               int(message.split()[1]))
         err = CorpusError(sources[i].name, message, row=row, field=fld)
         if cfg.on_bad_row == "error":
             raise err
-        if len(report.examples) >= 20:  # the message of later ones is not kept: skip the re-read
-            report.skipped[err.reason.split(":")[0]] += 1
-        else:
-            report.skip(err)
+        report.skip(err)
     pending_rows = sum(min((k + 1) * rows_per_shard, total) - k * rows_per_shard
                        for k in pending_shards if k * rows_per_shard < total)
     report.rows_read += pending_rows

@@ -119,6 +119,13 @@ def test_first_bad_row_is_raised_as_the_local_reader_raises_it(repeating_corpus,
         ids_by_source_tasks(cfg, rows_per_shard=2, policy=tiny_model_dir)
     assert "duplicate id" in str(ours.value) and str(ours.value) == str(local.value)
 
+    skip = CorpusConfig(path=str(tmp_path / "ids.jsonl"), on_bad_row="skip")
+    local_report = LoadReport()
+    local_ids = [e["id"] for _, e in iter_indexed_examples(skip, local_report)]
+    rows, report = ids_by_source_tasks(skip, rows_per_shard=2, policy=tiny_model_dir)
+    assert [r[ID_COLUMN] for r in rows] == local_ids == ["k", "j"]
+    assert report.to_dict() == local_report.to_dict()
+
 
 def test_max_rows_cuts_the_corpus_where_the_local_reader_does(repeating_corpus, tiny_model_dir):
     cfg = CorpusConfig(path=repeating_corpus, on_bad_row="skip", max_rows=5)
