@@ -43,7 +43,6 @@ from safekeel.data.shards import ID_COLUMN, MESSAGES_COLUMN
 
 ROW_COLUMN = "_row"  # global corpus row: orders a shard's rows and names its shard
 ISSUE_COLUMN = "_tokenization_issue"  # why the trainer cannot use the row as it is, or null
-READ_CHUNK_ROWS = 256  # rows per block a read task hands to Ray Data
 
 
 @dataclass
@@ -234,11 +233,14 @@ def read_source(
     policy: str,
     tokenization: Any,
     trust_remote_code: bool,
+    block_rows: int,
 ) -> Iterator[pa.Table]:
     """Ray Data read task: the kept rows of the pending shards of the sources in `batch`.
 
     Yields tables of `schema` (the shard's columns without risk scores, plus the global row
-    and the row's tokenization issue) of up to READ_CHUNK_ROWS rows.
+    and the row's tokenization issue) of up to `block_rows` rows. Ray Data hands a block to
+    one actor whole, so blocks of one actor batch spread the rows over the pool and let
+    scored rows reach the writer as they are done.
     """
     from safekeel.annotate.run import tokenization_issue
     from safekeel.data.models import load_tokenizer
@@ -263,7 +265,7 @@ def read_source(
             example[ISSUE_COLUMN] = tokenization_issue(tokenizer, example, tokenization)
             example[ROW_COLUMN] = global_row
             chunk.append(example)
-            if len(chunk) >= READ_CHUNK_ROWS:
+            if len(chunk) >= block_rows:
                 yield pa.Table.from_pylist(chunk, schema=schema)
                 chunk = []
         if chunk:

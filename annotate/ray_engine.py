@@ -268,7 +268,7 @@ def _dataset(cfg: AnnotateConfig, sources, ids, shape, read_schema: pa.Schema, p
     read_kwargs = {"cfg": cfg.corpus, "sources": sources, "plans": ids.sources, "shape": shape,
                    "schema": read_schema, "rows_per_shard": size, "pending_shards": pending,
                    "policy": cfg.policy, "tokenization": cfg.tokenization,
-                   "trust_remote_code": cfg.trust_remote_code}
+                   "trust_remote_code": cfg.trust_remote_code, "block_rows": cfg.ray.batch_size}
     dataset = ray.data.from_items([{"source": i} for i in wanted],
                                   override_num_blocks=max(len(wanted), 1))
     dataset = dataset.map_batches(read_source, batch_size=1, fn_kwargs=read_kwargs,

@@ -102,7 +102,7 @@ def main() -> None:
         base = {"corpus": {"path": str(corpus)}, "policy": policy, "critic": critic,
                 "star": {"enabled": True, "segment_tokens": 32}, "rows_per_shard": n // 8}
         engines = {"local": {},
-                   "ray": {"engine": "ray", "ray": {"num_cpus": 2, "batch_size": n // 16}}}
+                   "ray": {"engine": "ray", "ray": {"num_cpus": 2, "batch_size": n // 8}}}
         best: dict[str, dict[str, float]] = {}
         for repeat in range(repeats):
             for engine, extra in engines.items():
@@ -115,7 +115,7 @@ def main() -> None:
     guard_name = "tiny random" if args.quick else "SmolLM2-135M"
     print(f"annotate {n} Alpaca rows in 8 shards, critic + STAR (32-token segments), guard "
           f"{guard_name} on vLLM-CPU; ray: local Ray, 2 CPUs, 1 guard actor, batches of "
-          f"{n // 16}; best of {repeats}")
+          f"{n // 8}; best of {repeats}")
     print(f"  {'engine':6s} {'total s':>8s} {'rows/s':>7s} {'steady rows/s':>14s} "
           f"{'start-up s':>11s}")
     for engine in ("local", "ray"):

@@ -72,7 +72,8 @@ def ids_by_source_tasks(cfg: CorpusConfig, rows_per_shard: int, policy, pending=
                                  sources=sources, plans=plan.sources, shape=shape,
                                  schema=schema, rows_per_shard=rows_per_shard,
                                  pending_shards=pending, policy=str(policy),
-                                 tokenization=TokenizationConfig(), trust_remote_code=False):
+                                 tokenization=TokenizationConfig(), trust_remote_code=False,
+                                 block_rows=2):
             rows += table.to_pylist()
     return sorted(rows, key=lambda r: r[ROW_COLUMN]), report
 
