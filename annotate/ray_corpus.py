@@ -238,9 +238,7 @@ def read_source(
     """Ray Data read task: the kept rows of the pending shards of the sources in `batch`.
 
     Yields tables of `schema` (the shard's columns without risk scores, plus the global row
-    and the row's tokenization issue) of up to `block_rows` rows. Ray Data hands a block to
-    one actor whole, so blocks of one actor batch spread the rows over the pool and let
-    scored rows reach the writer as they are done.
+    and the row's tokenization issue) of up to `block_rows` rows.
     """
     from safekeel.annotate.run import tokenization_issue
     from safekeel.data.models import load_tokenizer

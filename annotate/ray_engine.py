@@ -273,6 +273,10 @@ def _dataset(cfg: AnnotateConfig, sources, ids, shape, read_schema: pa.Schema, p
                                   override_num_blocks=max(len(wanted), 1))
     dataset = dataset.map_batches(read_source, batch_size=1, fn_kwargs=read_kwargs,
                                   batch_format="numpy", num_cpus=1)
+    # Ray Data joins a task's outputs into blocks of up to 128 MiB and hands a block to one
+    # actor whole: cut them to one actor batch, so rows spread over the pool and reach the
+    # writer as they are scored.
+    dataset = dataset.repartition(target_num_rows_per_block=cfg.ray.batch_size)
     for part, arguments in pools(cfg):
         dataset = dataset.map_batches(ScoringActor, fn_constructor_args=(cfg, part),
                                       batch_size=cfg.ray.batch_size, batch_format="pyarrow",
