@@ -237,7 +237,7 @@ def test_killed_ray_run_resumes_with_nothing_lost_or_twice(tiny_model_dir, tiny_
                                                           tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows(60))
     base = {**settings(corpus, tiny_model_dir, tiny_guard_dir, None), "rows_per_shard": 5,
-            "engine": "ray", "ray": {**RAY, "batch_size": 4}}
+            "engine": "ray", "ray": {**RAY, "batch_size": 4, "actors": 2}}  # two guard engines
     killed = tmp_path / "killed"
     process = run_in_subprocess(tmp_path, {**base, "output_dir": str(killed)}, "killed")
     deadline = time.monotonic() + 300
