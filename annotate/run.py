@@ -31,6 +31,7 @@ from safekeel.data.corpus import (
     iter_examples,
     iter_indexed_examples,
 )
+from safekeel.data.files import atomic_write_text
 from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
 from safekeel.data.risk_columns import column as risk_column
 from safekeel.data.shards import (
@@ -138,9 +139,24 @@ def original_fields(cfg: AnnotateConfig) -> list[pa.Field]:
     return list(pa.array(sample).type)
 
 
+def scoring_config_hash(cfg: AnnotateConfig) -> str:
+    """The config hash of the provenance: what decides the scores, not where they go, who
+    wrote which part, or on which engine (so either engine can resume the other's run)."""
+    values = dataclasses.asdict(
+        dataclasses.replace(cfg, output_dir="", num_workers=1, worker_index=0)
+    )
+    for engine_only in ("engine", "ray"):  # left out: hashes from before they existed hold
+        values.pop(engine_only)
+    return config_hash(values)
+
+
 @guards_output_dir
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
+    if cfg.engine == "ray":
+        from safekeel.annotate.ray_engine import annotate_on_ray
+
+        return annotate_on_ray(cfg)
     from safekeel.data.models import load_tokenizer
 
     started = time.perf_counter()
@@ -150,25 +166,15 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
 
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     annotators = build_annotators(cfg, tokenizer)
-    provenance = Provenance(
-        policy_tokenizer=cfg.policy,
-        policy_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        code_version=code_version(),
-        # the hash names what decides the scores: not where they go or who wrote which part
-        config_hash=config_hash(
-            dataclasses.replace(cfg, output_dir="", num_workers=1, worker_index=0)
-        ),
-    )
+    provenance = run_provenance(cfg, tokenizer)
     for annotator in annotators:
         for key, value in annotator.provenance().items():
             setattr(provenance, key, value)
 
-    # Shards of one version of the corpus are never continued from another at the same path.
-    provenance.extra["corpus_sha256"] = corpus_fingerprint(cfg.corpus)
     total_rows = count_rows(cfg.corpus)
     plan = plan_shards(total_rows, cfg.rows_per_shard, cfg.num_workers, cfg.worker_index)
-    _refuse_another_corpus(out / manifest_filename(cfg.num_workers, cfg.worker_index),
-                           provenance, cfg.corpus.path)
+    refuse_another_corpus(out / manifest_filename(cfg.num_workers, cfg.worker_index),
+                          provenance, cfg.corpus.path)
     manifest = Manifest.open(out, plan, provenance)
     pending = set(plan.pending(manifest.finished_indices()))
     result = AnnotateResult(out, shards_skipped=len(manifest.finished_indices()))
@@ -211,18 +217,36 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     result.tokenization_issues = issues
     result.scores = score_summary(out, {c for a in annotators for c in a.columns})
     result.seconds = time.perf_counter() - started
-    # One entry per run, so the report of a resumed annotation still shows the first attempt.
-    report_path = out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json"
-    runs = json.loads(report_path.read_text())["runs"] if report_path.exists() else []
-    tmp = report_path.with_name(f".{report_path.name}.tmp")  # a kill keeps the old report
-    tmp.write_text(json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
-    tmp.replace(report_path)
-    log.info("annotated %d rows into %s", result.rows_written, out)
-    print(_summary(result))
+    record_run(out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json", result)
     return result
 
 
-def _refuse_another_corpus(manifest_path: Path, provenance: Provenance, corpus: str) -> None:
+def run_provenance(cfg: AnnotateConfig, tokenizer: Any) -> Provenance:
+    """What every shard of this run records before the scorers add theirs (either engine)."""
+    provenance = Provenance(
+        policy_tokenizer=cfg.policy,
+        policy_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        code_version=code_version(),
+        config_hash=scoring_config_hash(cfg),
+    )
+    # Shards of one version of the corpus are never continued from another at the same path.
+    provenance.extra["corpus_sha256"] = corpus_fingerprint(cfg.corpus)
+    return provenance
+
+
+def record_run(report_path: Path, result: AnnotateResult) -> None:
+    """Append this run to the report and print its summary.
+
+    One entry per run, so the report of a resumed annotation still shows the first attempt.
+    """
+    runs = json.loads(report_path.read_text())["runs"] if report_path.exists() else []
+    # atomic: a kill keeps the old report whole
+    atomic_write_text(report_path, json.dumps({"runs": [*runs, result.to_dict()]}, indent=2) + "\n")
+    log.info("annotated %d rows into %s", result.rows_written, result.output_dir)
+    print(_summary(result))
+
+
+def refuse_another_corpus(manifest_path: Path, provenance: Provenance, corpus: str) -> None:
     """Say plainly when the shards on disk came from other corpus content (the manifest's
     generic provenance check would refuse it too, but as an opaque `extra` difference)."""
     if not manifest_path.exists():
@@ -250,13 +274,19 @@ def _rows_in(plan, index: int) -> int:
 
 def _count_tokenization_issue(tokenizer, example, cfg: AnnotateConfig, issues: dict) -> None:
     """Rows the trainer will not be able to learn from are counted here, early, by reason."""
+    reason = tokenization_issue(tokenizer, example, cfg.tokenization)
+    if reason is not None:
+        issues[reason] = issues.get(reason, 0) + 1
+
+
+def tokenization_issue(tokenizer, example, tokenization) -> str | None:
+    """Why the trainer cannot use this row as it is (refused or truncated), or None."""
     if example[MESSAGES_COLUMN][-1]["role"] != "assistant":
-        return
-    tokenized = tokenize_example(tokenizer, example[MESSAGES_COLUMN], cfg.tokenization)
+        return None
+    tokenized = tokenize_example(tokenizer, example[MESSAGES_COLUMN], tokenization)
     if isinstance(tokenized, TokenizationIssue):
-        issues[tokenized.reason] = issues.get(tokenized.reason, 0) + 1
-    elif tokenized.truncated_tokens:
-        issues["response_truncated"] = issues.get("response_truncated", 0) + 1
+        return tokenized.reason
+    return "response_truncated" if tokenized.truncated_tokens else None
 
 
 def _finish_shard(cfg, index, examples, schema, provenance, annotators, manifest, result) -> None:

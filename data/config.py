@@ -221,8 +221,9 @@ def to_dict(instance: Any) -> dict[str, Any]:
 
 
 def config_hash(instance: Any) -> str:
-    """A short, stable hash of the resolved config (key order does not matter)."""
-    blob = json.dumps(to_dict(instance), sort_keys=True, default=str).encode()
+    """A short, stable hash of the resolved config, or of its dict (key order does not matter)."""
+    values = instance if isinstance(instance, dict) else to_dict(instance)
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
