@@ -44,10 +44,10 @@ class ProbeApplyConfig:
     backend: Literal["auto", "vllm", "transformers"] = option(
         "auto", help="Where the policy's activations are read: auto is a vLLM engine wherever "
         "vllm is installed (hooks in its worker), else transformers (the reference).")
-    dtype: Literal["probe", "float32", "bfloat16"] = option(
-        "probe", help="The policy's dtype while its activations are read. probe: the dtype the "
-        "probe was fitted in (probe.json's activation_dtype; float32 for a probe that does not "
-        "say); another is refused where the probe records its own.")
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="The policy's dtype while its activations are read: the one the probe "
+        "was fitted in (`safekeel probe --dtype`, float32 by default; probe.json's "
+        "activation_dtype). Another is refused: the probe's threshold holds in its own.")
     batch_size: int = option(16, help="Prompts per forward pass of the policy model "
                              "(transformers; vLLM schedules its own batches).")
 
@@ -137,14 +137,14 @@ def apply_extractor(cfg: ProbeApplyConfig, policy: str, spec: ActivationSpec, *,
                     fitted_dtype: str | None = None,
                     ) -> TransformersActivationExtractor | VLLMActivationExtractor:
     """The extractor annotate's probe reads activations with: a vLLM engine by default
-    (context `max_prompt_tokens` + 1), the transformers reference where vLLM is absent;
-    `dtype` is the probe's own (`fitted_dtype`) unless `cfg.dtype` names one."""
-    dtype = (fitted_dtype or "float32") if cfg.dtype == "probe" else cfg.dtype
+    (context `max_prompt_tokens` + 1), the transformers reference where vLLM is absent.
+    A probe that records its `fitted_dtype` is refused in another `cfg.dtype`."""
+    dtype = cfg.dtype
     if fitted_dtype is not None and dtype != fitted_dtype:  # before the policy loads
         raise ProbeError(f"{cfg.path}: field 'activation_dtype' is {fitted_dtype!r}, but "
-                         f"probe.dtype asks to read the activations in {dtype}; the probe's "
-                         "standardisation and threshold hold in its own dtype (probe.dtype: "
-                         "probe)")
+                         f"probe.dtype reads the activations in {dtype}; the probe's "
+                         f"standardisation and threshold hold in its own dtype: set probe.dtype: "
+                         f"{fitted_dtype}")
     if resolve_probe_backend(cfg.backend) == "vllm":
         return VLLMActivationExtractor.start(
             policy, spec, dtype=dtype, needed_tokens=max_prompt_tokens + 1,
