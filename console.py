@@ -6,7 +6,9 @@ Libraries talk on three channels, and each is routed to the log file:
 * Python logging: a file handler on the root logger; vLLM is told not to install its own
   handler (VLLM_CONFIGURE_LOGGING=0, so its loggers propagate to the root), and
   transformers' and datasets' own stderr handlers give way to propagation too;
-* `warnings.warn`: captured into logging (logger `py.warnings`);
+* `warnings.warn`: captured into logging (logger `py.warnings`); a warning of a category
+  the project defines (`safekeel.data.precision.PrecisionWarning`: bf16 asked for on a CPU
+  that emulates it) is for the user and is printed on the terminal as well;
 * bytes written straight to file descriptors 1 and 2 (C++ extensions, child processes such
   as vLLM's engine core): the descriptors point at the log file while a verb runs, and
   Python's `sys.stdout` / `sys.stderr` are re-opened on copies of the terminal's.
@@ -47,6 +49,7 @@ def routed_output(log_dir: str | Path, verbose: bool = False) -> Iterator[Path]:
     log_path = prepare_output_dir(log_dir) / CONSOLE_LOG_NAME
     with ExitStack() as stack:
         stack.enter_context(_python_logging_to(log_path))
+        stack.enter_context(_own_warnings_on_terminal())
         if not verbose:
             stack.enter_context(_environment(VLLM_CONFIGURE_LOGGING="0",
                                              HF_HUB_DISABLE_PROGRESS_BARS="1"))
@@ -102,6 +105,33 @@ def _python_logging_to(log_path: Path) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+
+
+def is_user_warning(category: type[Warning]) -> bool:
+    """A warning the project itself defines (as `is_user_error` reads errors): the user's to
+    act on, so it belongs on the terminal, not only in the log file."""
+    return category.__module__.startswith("safekeel.")
+
+
+@contextmanager
+def _own_warnings_on_terminal() -> Iterator[None]:
+    """Print the project's own warnings on the terminal too, one line each; every warning
+    still reaches the log (through `logging.captureWarnings`, entered before this)."""
+    from tqdm.auto import tqdm
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if is_user_warning(category):
+            # sys.stderr is the terminal's (`_descriptors_to`); tqdm.write keeps bars intact
+            tqdm.write(f"safekeel: warning: {message}", file=sys.stderr)
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _quiet_hugging_face() -> None:

@@ -375,6 +375,8 @@ class TransformersActivationExtractor:
         self.feature_dim = spec.feature_dim(self.hidden_size, self.num_layers)
         self._name = name
         self._fingerprint: ModelFingerprint | None = None
+        # the policy's compute dtype: a probe is applied in the dtype it was fitted in
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     @property
     def fingerprint(self) -> ModelFingerprint:
@@ -554,6 +556,7 @@ class VLLMActivationExtractor:
         self.layers = spec.resolve_layers(self.num_layers)
         self.hidden_size = int(text_config.hidden_size)
         self.feature_dim = spec.feature_dim(self.hidden_size, self.num_layers)
+        self.dtype = str(config.model_config.dtype).removeprefix("torch.")
         self.max_prompt_tokens = min(
             config.scheduler_config.max_num_batched_tokens, config.model_config.max_model_len - 1
         )

@@ -12,10 +12,14 @@ the decision threshold, which is the highest score that still reaches the target
 that split. A fitted probe is two files, never a pickle:
 
 * `probe.safetensors`: the network weights and the standardisation tensors;
-* `probe.json`: the model it belongs to (name, shape, weight hash), the layers and pooling of
-  its features, the threshold, the metrics, and the training settings.
+* `probe.json`: the model it belongs to (name, shape, weight hash), the layers, pooling and
+  dtype of its features (`activation_dtype`: the policy's compute dtype while they were
+  read), the threshold, the metrics, and the training settings.
 
-`load_probe` refuses a probe made for another model, other layers or another pooling.
+`load_probe` refuses a probe made for another model, other layers, another pooling or
+another activation dtype: the standardisation and the threshold were fitted on features
+read in one dtype, and features read in another (bfloat16 against float32) shift the scores
+near the threshold. A probe file without `activation_dtype` is not checked for it.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class Probe:
     pooling: str | None = None
     hidden_size: int = 0  # of the MLP; 0 for logreg
     training: dict[str, Any] = field(default_factory=dict)
+    activation_dtype: str | None = None  # the policy's dtype while features were read
 
     @property
     def feature_dim(self) -> int:
@@ -374,6 +379,7 @@ def save_probe(probe: Probe, directory: str | Path) -> Path:
         "model": probe.model.to_dict() if probe.model is not None else None,
         "layers": probe.layers,
         "pooling": probe.pooling,
+        "activation_dtype": probe.activation_dtype,
         "threshold": probe.threshold,
         "metrics": probe.report.to_dict() if probe.report is not None else None,
         "training": probe.training,
@@ -413,8 +419,9 @@ def _check_expected(
     expected_model: ModelFingerprint | None,
     expected_layers: Sequence[int] | str | None,
     expected_pooling: str | None,
+    expected_dtype: str | None = None,
 ) -> None:
-    """Refuse a probe fitted on another model, other layers or another pooling."""
+    """Refuse a probe fitted on another model, other layers, pooling or activation dtype."""
     stored = ModelFingerprint.from_dict(meta["model"]) if meta["model"] else None
     if expected_model is not None:
         if stored is None:
@@ -443,6 +450,12 @@ def _check_expected(
             f"{path}: field 'pooling' is {meta['pooling']!r}, but the activations are pooled "
             f"with {expected_pooling!r}"
         )
+    stored_dtype = meta.get("activation_dtype")
+    if expected_dtype is not None and stored_dtype is not None and expected_dtype != stored_dtype:
+        raise ProbeError(
+            f"{path}: field 'activation_dtype' is {stored_dtype!r}, but the activations are "
+            f"read in {expected_dtype}; read them in the dtype the probe was fitted in"
+        )
 
 
 def _resolve_expected_layers(
@@ -461,6 +474,7 @@ def load_probe(
     expected_model: ModelFingerprint | None = None,
     expected_layers: Sequence[int] | str | None = None,
     expected_pooling: str | None = None,
+    expected_dtype: str | None = None,
 ) -> Probe:
     """Read a probe saved by `save_probe`, refusing one made for other activations.
 
@@ -470,7 +484,8 @@ def load_probe(
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     meta = _read_meta(meta_path)
-    _check_expected(meta_path, meta, expected_model, expected_layers, expected_pooling)
+    _check_expected(meta_path, meta, expected_model, expected_layers, expected_pooling,
+                    expected_dtype)
     if not weights_path.is_file():
         raise ProbeError(f"{weights_path}: no such file (named by {meta_path})")
     if meta.get("weights_sha256") and file_sha256(weights_path) != meta["weights_sha256"]:
@@ -505,16 +520,19 @@ def load_probe(
         model=ModelFingerprint.from_dict(meta["model"]) if meta["model"] else None,
         layers=meta["layers"], pooling=meta["pooling"],
         hidden_size=int(meta.get("hidden_size") or 0), training=dict(meta.get("training") or {}),
+        activation_dtype=meta.get("activation_dtype"),
     )
 
 
 def load_probe_for(directory: str | Path, extractor: Any) -> Probe:
-    """`load_probe` checked against an activation extractor's model, layers and pooling."""
+    """`load_probe` checked against an activation extractor's model, layers, pooling and
+    dtype."""
     return load_probe(
         directory,
         expected_model=extractor.fingerprint,
         expected_layers=extractor.layers if not extractor.spec.averages_layers else "all",
         expected_pooling=extractor.spec.pooling,
+        expected_dtype=getattr(extractor, "dtype", None),
     )
 
 
@@ -594,10 +612,12 @@ def fit_probe_from_files(
         labels += [label] * len(rows)
     features = extractor.extract(prompts)
     layers = "all" if extractor.spec.averages_layers else extractor.layers
-    return fit_probe(
+    probe = fit_probe(
         features, np.array(labels), kind, model=extractor.fingerprint, layers=layers,
         pooling=extractor.spec.pooling, **fit_kwargs,
     )
+    probe.activation_dtype = getattr(extractor, "dtype", None)
+    return probe
 
 
 def probe_scores(probe: Probe, extractor: Any, prompts: Sequence[Sequence[int]]) -> np.ndarray:
@@ -612,4 +632,8 @@ def probe_scores(probe: Probe, extractor: Any, prompts: Sequence[Sequence[int]])
             f"{extractor.fingerprint.name!r}, layers {layers}, pooling "
             f"{extractor.spec.pooling!r})" + (f": {reason}" if reason else "")
         )
+    dtype = getattr(extractor, "dtype", None)
+    if None not in (probe.activation_dtype, dtype) and probe.activation_dtype != dtype:
+        raise ProbeError(f"the probe was fitted on activations read in "
+                         f"{probe.activation_dtype}; these are read in {dtype}")
     return probe.predict_proba(extractor.extract(prompts))

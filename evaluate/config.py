@@ -149,8 +149,9 @@ class EvaluateConfig:
     backend: Literal["auto", "vllm", "transformers"] = option(
         "auto", help="Generation backend; auto picks vLLM where it is installed.")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", help="Weights dtype for generation; auto: the checkpoint's own, on both backends "
-        "(bfloat16 is several times faster on CPU, float32 makes the backends agree exactly).")
+        "auto", help="Weights dtype for generation, on both backends; auto: bfloat16 where the "
+        "hardware has it natively (GPU with bf16, CPU with AVX512-BF16 or AMX), else float32 "
+        "(float32 makes the backends agree exactly).")
     max_new_tokens: int = option(128, help="Tokens generated per prompt.")
     temperature: float = option(0.0, help="0 is greedy decoding.")
     top_p: float = option(1.0, help="Nucleus sampling mass (temperature > 0 only).")

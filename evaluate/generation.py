@@ -15,9 +15,10 @@ generation prompt, tokenised once, and the same token ids go to either backend:
 * `TransformersGenerator`, the fallback and reference: left-padded batches through
   `model.generate`.
 
-Greedy decoding of a float32 model gives the same tokens on both (tested). `dtype="auto"`
-means the checkpoint's own dtype for both backends: vLLM's own "auto" would run a float32
-checkpoint in bfloat16.
+Greedy decoding of a float32 model in float32 gives the same tokens on both (tested).
+`dtype="auto"` is bfloat16 where the hardware has it natively (GPU with bf16; CPU with
+AVX512-BF16 or AMX) and float32 elsewhere (`data.precision`), on both backends; vLLM's own
+"auto" would run a float32 checkpoint in bfloat16 even where bfloat16 is emulated.
 
 Cache. `generations.parquet` holds one row per prompt (prompt id, prompt, messages,
 response, category, token counts, finish reason); its metadata holds a key made of the
@@ -50,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from safekeel.data import precision
 from safekeel.data.engines import (
     VLLM_INSTALL_HINT,
     EngineSpec,
@@ -373,17 +375,11 @@ def resolve_backend(backend: str) -> Literal["vllm", "transformers"]:
     return backend  # type: ignore[return-value]
 
 
-def resolve_dtype(dtype: str, model_path: str, *, trust_remote_code: bool = False) -> str:
-    """'auto' becomes the checkpoint's own dtype (float32 when the config does not say)."""
-    if dtype != "auto":
-        return dtype
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    return value if value in ("float32", "bfloat16", "float16") else "float32"
+def resolve_dtype(dtype: str, backend: str) -> str:
+    """The dtype to generate in: 'auto' is bfloat16 where `backend`'s device has it natively,
+    else float32 (`data.precision`); an explicit bfloat16 on a CPU that emulates it warns."""
+    # the transformers generator runs on the CPU; vLLM on the GPU wherever there is one
+    return precision.resolve_dtype(dtype, device="cpu" if backend == "transformers" else None)
 
 
 # ----------------------------------------------------------------------------- generators
@@ -461,8 +457,7 @@ class TransformersGenerator:
         self, model_path: str, settings: GenerationSettings, *, dtype: str | None = None
     ) -> None:
         self.settings = settings
-        self.dtype = dtype or resolve_dtype(settings.dtype, model_path,
-                                            trust_remote_code=settings.trust_remote_code)
+        self.dtype = dtype or resolve_dtype(settings.dtype, self.backend_name)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
         self.model = load_causal_lm(model_path, dtype=self.dtype,  # type: ignore[arg-type]
                                     trust_remote_code=settings.trust_remote_code)
@@ -542,8 +537,7 @@ class VLLMGenerator:
         if not vllm_available():
             raise GenerationError(f"backend 'vllm' needs the vllm package: {VLLM_INSTALL_HINT}")
         self.settings = settings
-        self.dtype = dtype or resolve_dtype(settings.dtype, model_path,
-                                            trust_remote_code=settings.trust_remote_code)
+        self.dtype = dtype or resolve_dtype(settings.dtype, self.backend_name)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         spec = EngineSpec(

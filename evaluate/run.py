@@ -365,13 +365,7 @@ def generate_checkpoint(
 ) -> dict[str, SetGenerations]:
     """Responses of one checkpoint to every set, from the cache where the key matches."""
     backend = resolve_backend(settings.backend)
-    model_for_config = checkpoint.base_model or checkpoint.path
-    try:
-        dtype = resolve_dtype(settings.dtype, model_for_config,
-                              trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {checkpoint.spec!r}: cannot read its config "
-                              f"({error})") from error
+    dtype = resolve_dtype(settings.dtype, backend)
 
     results: dict[str, SetGenerations] = {}
     missing = []
@@ -539,8 +533,7 @@ def score_loglikelihood_tasks(
     results = []
     with loadable_model(checkpoint, out_dir,
                         trust_remote_code=settings.trust_remote_code) as model_path:
-        dtype = resolve_dtype(settings.dtype, model_path,
-                              trust_remote_code=settings.trust_remote_code)
+        dtype = resolve_dtype(settings.dtype, "transformers")
         try:
             tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
             model = load_causal_lm(model_path, dtype=dtype,  # type: ignore[arg-type]

@@ -136,3 +136,20 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch) -> Callable[[bool], None]:
+    """`cpu_bf16(native)`: a machine without CUDA whose CPU has native bf16 (AVX512-BF16) or
+    not (AVX2 only); an emulated bf16 matmul is taken to run 42x slower than float32."""
+    from safekeel.data import precision
+
+    monkeypatch.setattr(precision, "cuda_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_slowdown", lambda dtype: 42.0)
+    monkeypatch.setattr(precision, "_warned", set())  # each test sees its warnings
+
+    def with_bf16(native: bool) -> None:
+        flags = {"avx2", "fma", *(["avx512f", "avx512_bf16"] if native else [])}
+        monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+
+    return with_bf16

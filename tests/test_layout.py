@@ -42,6 +42,16 @@ def test_no_module_imports_a_stage_by_its_bare_folder_name():
     assert not bare, "import through `safekeel.`: " + ", ".join(bare)
 
 
+def test_every_package_folder_is_listed_for_the_wheel():
+    """setuptools installs only the packages pyproject names: a new subpackage left out of
+    the list is missing from the wheel (data.guard and data.shards once were)."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    folders = {".".join(("safekeel", *init.parent.relative_to(REPO).parts))
+               for folder in STAGE_FOLDERS for init in (REPO / folder).rglob("__init__.py")}
+    assert folders | {"safekeel"} == listed
+
+
 def test_console_script_points_at_the_namespaced_pipeline():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["name"] == "safekeel"

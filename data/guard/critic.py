@@ -486,14 +486,18 @@ class TransformersCritic(_CriticBase):
     @staticmethod
     def _load_model(settings: GuardSettings) -> Any:
         from safekeel.data.models import load_causal_lm
+        from safekeel.data.precision import resolve_dtype
 
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = "auto" if settings.dtype == "float16" else settings.dtype
+        # auto: bf16 only where the device has it natively (a float32 guard stays float32 on
+        # a CPU that emulates bf16), as the vLLM backend's engine does (data.engines)
+        dtype = resolve_dtype(settings.dtype, device=str(device))
         model = load_causal_lm(
-            settings.model, dtype=dtype, revision=settings.revision,
-            trust_remote_code=settings.trust_remote_code, device=device,
+            settings.model, dtype="auto" if dtype == "float16" else dtype,
+            revision=settings.revision, trust_remote_code=settings.trust_remote_code,
+            device=device,
         )
-        return model.to(torch.float16) if settings.dtype == "float16" else model
+        return model.to(torch.float16) if dtype == "float16" else model
 
     def _context_length(self, settings: GuardSettings) -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -48,7 +48,8 @@ class GuardSettings:
     batch_size: int = option(64, help="Rows per forward (transformers) or engine call (vLLM); "
                              "evaluate's judge retries a failing batch row by row.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Guard weights' dtype.")
+        "auto", help="Guard weights' dtype; auto: bfloat16 where the hardware has it "
+        "natively (GPU with bf16, CPU with AVX512-BF16 or AMX), else float32.")
     max_model_len: int | None = option(None, help="Guard context in tokens; longer inputs are "
                                        "cut inside the template and counted. None: the model's.")
     tensor_parallel_size: int = option(1, help="vLLM: GPUs one guard is split over.")

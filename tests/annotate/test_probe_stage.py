@@ -117,3 +117,52 @@ def test_probe_reads_from_vllm_by_default_and_falls_back_to_transformers(
     with pytest.raises(ConfigError, match="probe.backend: 'vllm' but vllm is not installed"):
         probe_stage.apply_extractor(ProbeApplyConfig(path=str(fitted), backend="vllm"),
                                     str(tiny_model_dir), spec, max_prompt_tokens=100)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_the_probe_records_the_dtype_its_features_were_read_in(fitted):
+    """float32 by default, on any machine: the same probe scores the same everywhere."""
+    assert json.loads((fitted / "probe.json").read_text())["activation_dtype"] == "float32"
+    assert load_probe(fitted).activation_dtype == "float32"
+    assert load_probe(fitted, expected_dtype="float32").activation_dtype == "float32"
+    with pytest.raises(ProbeError, match="'activation_dtype' is 'float32'.*read in bfloat16"):
+        load_probe(fitted, expected_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_probe_fitted_in_auto_is_applied_in_its_own_dtype_only(
+    prompt_files, tiny_model_dir, tmp_path, cpu_bf16, monkeypatch, native
+):
+    from safekeel.annotate import probe_stage
+    from safekeel.data import engines
+
+    cpu_bf16(native)
+    out = tmp_path / "probe"
+    assert pipeline.main(["probe", "--policy", str(tiny_model_dir), "--harmful",
+                          str(prompt_files / "harmful.txt"), "--benign",
+                          str(prompt_files / "benign.txt"), "--dtype", "auto",
+                          "--output_dir", str(out)]) == 0
+    fitted_in, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
+    assert load_probe(out).activation_dtype == fitted_in
+    # annotate reads the policy in the probe's dtype (transformers and vLLM alike) ...
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: None)  # no vllm
+    annotator = probe_stage.ProbeAnnotator(ProbeApplyConfig(path=str(out), dtype=fitted_in),
+                                           str(tiny_model_dir))
+    assert annotator.extractor.dtype == fitted_in
+    annotator.close()
+    started = []
+    monkeypatch.setattr(probe_stage.VLLMActivationExtractor, "start",
+                        lambda model, spec, **kwargs: started.append(kwargs["dtype"]))
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: object())
+    probe_stage.apply_extractor(ProbeApplyConfig(path=str(out), dtype=fitted_in),
+                                str(tiny_model_dir), ActivationSpec(layers=(1,)),
+                                max_prompt_tokens=10, fitted_dtype=fitted_in)
+    assert started == [fitted_in]
+    # ... and refuses another one before loading the policy, saying what to set
+    with pytest.raises(ProbeError, match=f"'activation_dtype' is '{fitted_in}'.*in {other}.*"
+                       f"set probe.dtype: {fitted_in}"):
+        probe_stage.ProbeAnnotator(ProbeApplyConfig(path=str(out), dtype=other),
+                                   str(tiny_model_dir))
+    assert started == [fitted_in]

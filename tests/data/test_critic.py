@@ -485,3 +485,51 @@ def test_vllm_without_logprob_token_ids_falls_back_to_processed_logprobs(
     want = transformers_critics["generic"].score(CONVERSATIONS)
     np.testing.assert_allclose(got.p_unsafe, want.p_unsafe, rtol=0, atol=BACKEND_AGREEMENT_ATOL)
     assert np.isnan(got.label_mass).all()  # renormalised logprobs say nothing about the mass
+
+
+# --------------------------------------------------------------------------------------
+# Precision: auto is bf16 only where native, on both backends
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_transformers_guard_auto_dtype_follows_the_cpu(tiny_guard_dir, cpu_bf16, native):
+    """The float32 guard stays float32 on a CPU that only emulates bf16."""
+    cpu_bf16(native)
+    settings = guard_settings(tiny_guard_dir, backend="transformers", dtype="auto",
+                              device="cpu")
+    critic = make_critic(settings)
+    try:
+        assert critic.model.dtype == (torch.bfloat16 if native else torch.float32)
+    finally:
+        critic.close()
+
+
+def test_transformers_guard_in_bf16_on_a_cpu_without_it_warns(tiny_guard_dir, cpu_bf16):
+    from safekeel.data.precision import PrecisionWarning
+
+    cpu_bf16(False)
+    settings = guard_settings(tiny_guard_dir, backend="transformers", dtype="bfloat16",
+                              device="cpu")
+    with pytest.warns(PrecisionWarning, match="42x slower"):
+        critic = make_critic(settings)
+    assert critic.model.dtype == torch.bfloat16
+    critic.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("native", [True, False])
+def test_vllm_guard_auto_dtype_follows_the_cpu(tiny_guard_dir, cpu_bf16, monkeypatch, native):
+    """vLLM's own auto would run the float32 guard in bf16 even where bf16 is emulated."""
+    pytest.importorskip("vllm")
+    from safekeel.data import engines
+    from safekeel.data.precision import PrecisionWarning
+
+    monkeypatch.setattr(engines, "on_cpu", lambda: True)
+    cpu_bf16(native)
+    for star in (False, True):
+        kwargs = vllm_engine_kwargs(guard_settings(tiny_guard_dir, dtype="auto"), star=star)
+        assert kwargs["dtype"] == ("bfloat16" if native else "float32")
+    if not native:
+        with pytest.warns(PrecisionWarning, match="42x slower"):
+            vllm_engine_kwargs(guard_settings(tiny_guard_dir, dtype="bfloat16"))

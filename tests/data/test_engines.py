@@ -132,3 +132,38 @@ def test_missing_vllm_is_named_with_the_install_hint(monkeypatch):
     assert not engines.vllm_available()
     with pytest.raises(EngineError, match=r"a vLLM guard engine needs the vllm package.*pip"):
         engines.start_engine(EngineSpec(model="m"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(tiny_model_dir, cpu_bf16, native):
+    """vLLM's own auto would run a float32 checkpoint in bf16 even where bf16 is emulated."""
+    cpu_bf16(native)
+    for role in ("guard", "star", "generation", "activations"):
+        assert kwargs_for(tiny_model_dir, role=role)["dtype"] == (
+            "bfloat16" if native else "float32")
+    assert kwargs_for(tiny_model_dir, dtype="float32")["dtype"] == "float32"
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns(tiny_model_dir, cpu_bf16, recwarn):
+    from safekeel.data.precision import PrecisionWarning
+
+    cpu_bf16(True)
+    assert kwargs_for(tiny_model_dir, dtype="bfloat16")["dtype"] == "bfloat16"
+    assert not recwarn.list
+    cpu_bf16(False)
+    with pytest.warns(PrecisionWarning, match="42x slower than float32"):
+        assert kwargs_for(tiny_model_dir, dtype="bfloat16")["dtype"] == "bfloat16"
+
+
+def test_gpu_engines_follow_the_gpus_bf16_support(tiny_model_dir, monkeypatch):
+    from safekeel.data import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    for supported, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "cuda_bf16_supported", lambda s=supported: s)
+        assert kwargs_for(tiny_model_dir, cpu=False)["dtype"] == expected
+
+
+def test_an_unknown_dtype_is_an_engine_error(tiny_model_dir):
+    with pytest.raises(EngineError, match="guard engine: dtype 'half'"):
+        kwargs_for(tiny_model_dir, dtype="half")

@@ -22,6 +22,7 @@ def cpu_only(monkeypatch):
     """A machine without CUDA whose CPU flags the test sets; the slowdown is not measured."""
     monkeypatch.setattr(precision, "cuda_available", lambda: False)
     monkeypatch.setattr(precision, "cpu_slowdown", lambda dtype: 42.0)
+    monkeypatch.setattr(precision, "_warned", set())  # each test sees its warnings
 
     def with_flags(flags: frozenset[str]) -> None:
         monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
@@ -127,3 +128,14 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
 def test_matmul_rate_is_measured():
     rate = precision.matmul_flops(torch.float32, 64, 2)
     assert 1e6 < rate < 1e15  # FLOP/s, not seconds
+
+
+def test_the_same_warning_shows_once_per_process(cpu_only, recwarn):
+    """A run loads several models in bf16 (generation's key and engine, critic, judge)."""
+    cpu_only(AVX2_FLAGS)
+    for _ in range(3):
+        precision.resolve_dtype("bfloat16")
+    precision.resolve_mixed_precision("bf16")  # another setting: its own warning
+    assert [str(w.message)[:22] for w in recwarn.list
+            if w.category is precision.PrecisionWarning] == ["dtype='bfloat16' on a ",
+                                                             "mixed_precision='bfloa"]

@@ -24,6 +24,7 @@ from safekeel.evaluate.generation import (
     read_generations,
     render_prompt,
     resolve_checkpoint,
+    resolve_dtype,
     write_generations,
 )
 from safekeel.evaluate.prompts import EvalPrompt, PromptSet
@@ -188,7 +189,9 @@ def test_finish_cuts_at_the_first_stop_token(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def transformers_generator(tiny_model_dir):
-    return TransformersGenerator(str(tiny_model_dir), GenerationSettings(batch_size=3))
+    # float32: the backends agree token for token only there
+    return TransformersGenerator(str(tiny_model_dir),
+                                 GenerationSettings(batch_size=3, dtype="float32"))
 
 
 def test_batched_greedy_equals_a_naive_loop(transformers_generator):
@@ -284,10 +287,10 @@ def test_generations_round_trip_and_key_check(tmp_path, transformers_generator):
 def test_vllm_and_transformers_greedy_agree_token_for_token(
     make_vllm_engine, tiny_model_dir, transformers_generator
 ):
-    settings = GenerationSettings(enforce_eager=True, max_model_len=256)
+    settings = GenerationSettings(enforce_eager=True, max_model_len=256, dtype="float32")
     generator = VLLMGenerator(str(tiny_model_dir), settings, engine_factory=make_vllm_engine)
     try:
-        assert generator.dtype == "float32"  # the checkpoint's own, not vLLM's bf16 "auto"
+        assert generator.llm.llm_engine.model_config.dtype == torch.float32
         prompt_set = _prompt_set()
         from_vllm = generate_for_set(generator, prompt_set, 20)
         from_transformers = generate_for_set(transformers_generator, prompt_set, 20)
@@ -312,3 +315,38 @@ def test_stop_tokens_without_a_generation_config(tmp_path, tiny_tokenizer):
     (directory / "generation_config.json").unlink(missing_ok=True)
     generator = TransformersGenerator(str(directory), GenerationSettings())
     assert generator.stop_ids == [tiny_tokenizer.eos_token_id]
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(tiny_model_dir, cpu_bf16, native):
+    """Not the checkpoint's float32 everywhere, and not vLLM's bf16 everywhere."""
+    cpu_bf16(native)
+    expected = "bfloat16" if native else "float32"
+    assert resolve_dtype("auto", "transformers") == resolve_dtype("auto", "vllm") == expected
+    assert resolve_dtype("float32", "vllm") == "float32"
+    generator = TransformersGenerator(str(tiny_model_dir), GenerationSettings())
+    assert generator.dtype == expected
+    assert generator.model.dtype == getattr(torch, expected)
+
+
+def test_bf16_generation_on_a_cpu_without_it_warns(cpu_bf16):
+    from safekeel.data.precision import PrecisionWarning
+
+    cpu_bf16(False)
+    with pytest.warns(PrecisionWarning, match="42x slower"):
+        assert resolve_dtype("bfloat16", "transformers") == "bfloat16"
+
+
+def test_the_transformers_generator_judges_the_cpu_even_beside_a_gpu(monkeypatch, cpu_bf16):
+    """It runs on the CPU: a bf16 GPU in the machine does not make its auto bf16."""
+    from safekeel.data import precision
+
+    cpu_bf16(False)
+    monkeypatch.setattr(precision, "cuda_available", lambda: True)
+    monkeypatch.setattr(precision, "cuda_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "cuda_device_name", lambda: "Test GPU")
+    assert resolve_dtype("auto", "transformers") == "float32"
+    assert resolve_dtype("auto", "vllm") == "bfloat16"
