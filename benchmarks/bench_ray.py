@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from benchlib import add_common_arguments, pick_dtype, process_peak_mib, say
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TEMPLATE_OPTIONS = {
@@ -71,17 +72,18 @@ def run(work: Path, name: str, settings: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random guard and policy")
+    add_common_arguments(parser)  # --quick: a tiny random guard and policy; --dtype
     parser.add_argument("--rows", type=int, default=None, help="rows (default 128, quick 64)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3, quick 1")
     args = parser.parse_args()
+    dtype = pick_dtype(args.dtype)
     n = args.rows or (64 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
 
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         work = Path(tmp)
         if args.quick:
-            from safekeel.data.tiny_models import (
+            from safekeel.data.embedded.tiny_models import (
                 build_tiny_llama,
                 build_tokenizer,
                 save_tiny_model,
@@ -95,7 +97,7 @@ def main() -> None:
             guard = policy = "smollm2-135m-instruct"
         critic = {"model": guard, "template": "generic", "template_options": TEMPLATE_OPTIONS,
                   "backend": "vllm", "distributed_executor_backend": "uni",
-                  "dtype": "float32" if args.quick else "bfloat16", "max_model_len": 1024,
+                  "dtype": dtype, "max_model_len": 1024,
                   "enforce_eager": args.quick, "progress": False}
         corpus = work / "corpus.jsonl"
         write_corpus(corpus, n)
@@ -106,9 +108,10 @@ def main() -> None:
         best: dict[str, dict[str, float]] = {}
         for repeat in range(repeats):
             for engine, extra in engines.items():
+                say(f"{engine} run {repeat}: annotating {n} rows")
                 got = run(work, f"{engine}-{repeat}", {**base, **extra})
-                print(f"  {engine:5s} run {repeat}: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in got.items()), flush=True)
+                say(f"{engine} run {repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items())
+                    + f"; peak RSS of this process {process_peak_mib():.0f} MiB")
                 if engine not in best or got["steady"] > best[engine]["steady"]:
                     best[engine] = got
 
@@ -124,6 +127,7 @@ def main() -> None:
               f"{b['startup']:11.1f}")
     print(f"  ray / local: steady rate {best['ray']['steady'] / best['local']['steady']:.2f}x, "
           f"start-up +{best['ray']['startup'] - best['local']['startup']:.1f} s")
+    say("done")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-NEEDS_VLLM = {"bench_critic.py", "bench_star.py", "bench_generation.py"}
-NEEDS_SHARED_DATA = {"bench_critic.py", "bench_star.py"}  # Alpaca rows
+NEEDS_VLLM = {"bench_critic.py", "bench_star.py", "bench_generation.py", "bench_activations.py",
+              "bench_ray.py"}
+NEEDS_SHARED_DATA = {"bench_critic.py", "bench_star.py", "bench_ray.py",  # Alpaca rows
+                     "bench_ref_topk.py"}  # the SST-2 attack mix
 
 
 def benchmark_scripts() -> list[str]:
