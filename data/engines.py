@@ -189,6 +189,9 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
         "block_size": spec.block_size,
         "distributed_executor_backend": "uni" if spec.in_process
         else spec.distributed_executor_backend,
+        # The CLI's quiet console (safekeel.console) sets VLLM_CONFIGURE_LOGGING=0 and keeps
+        # library output off the terminal; vLLM's weight-loading bars write to it directly.
+        "use_tqdm_on_load": os.environ.get("VLLM_CONFIGURE_LOGGING") != "0",
     }
     if spec.role == "star":
         # the k prefixes of a response share their beginning: let the engine reuse it

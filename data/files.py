@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +44,28 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through a temporary file, fsynced, then renamed in place."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s content to (by any writer, e.g. Parquet); renamed
+    into place, fsynced, when the block ends, and removed if it fails."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk: leave the old file, not a partial temporary one
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, payload: Any, *, indent: int = 2) -> Path:

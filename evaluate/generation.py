@@ -35,7 +35,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import struct
@@ -61,6 +60,7 @@ from safekeel.data.engines import (
     start_engine,
     vllm_available,
 )
+from safekeel.data.files import atomic_file, file_sha256
 from safekeel.data.models import (
     ModelNotFoundError,
     load_causal_lm,
@@ -213,7 +213,7 @@ def _directory_identity(directory: Path) -> str:
     for name in _CONFIG_FILES:
         file = directory / name
         if file.is_file():
-            parts.append(f"{name}:{hashlib.sha256(file.read_bytes()).hexdigest()}")
+            parts.append(f"{name}:{file_sha256(file)}")
     # Weights are not hashed (gigabytes); name, size and mtime change whenever they are
     # rewritten, which is what a cache must notice.
     for file in sorted(directory.iterdir()):
@@ -717,9 +717,8 @@ def write_generations(
         "safekeel.about": json.dumps(about or {}, sort_keys=True, default=str),
     }
     table = table.replace_schema_metadata({k: v.encode() for k, v in metadata.items()})
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    pq.write_table(table, partial, compression="zstd")
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        pq.write_table(table, partial, compression="zstd")
     return path
 
 

@@ -64,6 +64,13 @@ def test_memory_share_and_in_process_defaults(tiny_model_dir, monkeypatch):
         "distributed_executor_backend"] == "mp"
 
 
+def test_weight_loading_bars_follow_the_quiet_console(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
+    assert kwargs_for(tiny_model_dir)["use_tqdm_on_load"] is True  # a library call: vLLM's own
+    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "0")  # what the CLI's quiet console sets
+    assert kwargs_for(tiny_model_dir)["use_tqdm_on_load"] is False
+
+
 def test_star_turns_on_prefix_caching_with_small_blocks_on_cpu(tiny_model_dir):
     star = kwargs_for(tiny_model_dir, role="star")
     assert (star["enable_prefix_caching"], star["block_size"]) == (True, engines.STAR_BLOCK_SIZE)
