@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -281,7 +282,8 @@ def _build(root: Path, world: World, sets: dict[str, Path], settings: EmbeddedSe
 
     _say("measuring the policy (greedy answers to held-out requests and tasks)")
     metrics = {"build_key": key, "seed": seed, "settings": asdict(settings)}
-    metrics["policy"] = measure_policy(policy_dir, world, settings.generation_tokens)
+    metrics["policy"] = measure_policy(
+        greedy_answers(policy_dir, settings.generation_tokens), world)
     _say("measuring the guard (AUROC on guard_eval, STAR on turns-harmful responses)")
     metrics["guard"] = measure_guard(guard_dir, world.guard_eval, settings.star_segment_tokens)
     metrics["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -332,6 +334,26 @@ def _train_tiny_model(
     if destination.exists():
         shutil.rmtree(destination)
     shutil.copytree(result.final_dir, destination)
+
+
+def greedy_answers(model_dir: Path, max_new_tokens: int
+                   ) -> Callable[[list[WorldExample]], list[str]]:
+    """The model's greedy float32 replies to single-turn rows, by stage three's generator
+    (transformers: the tiny models answer faster than an engine starts)."""
+    from safekeel.evaluate.generation import (
+        GenerationSettings,
+        TransformersGenerator,
+        render_prompt,
+    )
+
+    generator = TransformersGenerator(str(model_dir), GenerationSettings(
+        backend="transformers", dtype="float32", max_new_tokens=max_new_tokens, batch_size=64))
+
+    def answers(rows: list[WorldExample]) -> list[str]:
+        prompts = [render_prompt(generator.tokenizer, row["messages"][:1]) for row in rows]
+        return [g.text for g in generator.generate_tokens(prompts, max_new_tokens)]
+
+    return answers
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -174,46 +174,14 @@ def write_world_sets(world: World, world_dir: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------
 
 
-def generate_responses(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy single-turn answers, decoded without special tokens (`generate` runs without
-    gradients)."""
-    tokenizer.padding_side = "left"  # generation continues from the last real token
-    responses: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts[start:start + batch_size]
-        ]
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        new = out[:, batch["input_ids"].shape[1]:]
-        responses += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return responses
-
-
 def rate_of(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
 
-def measure_policy(policy_dir: Path, world: World, max_new_tokens: int) -> dict[str, Any]:
-    """Refusal on held-out harmful requests, task accuracy, over-refusal, with examples."""
-    from safekeel.data.models import load_causal_lm, load_tokenizer
-
-    model, tokenizer = load_causal_lm(policy_dir), load_tokenizer(policy_dir)
-
-    def answers(rows: list[WorldExample]) -> list[str]:
-        return generate_responses(
-            model, tokenizer, [r["messages"][0]["content"] for r in rows], max_new_tokens
-        )
-
+def measure_policy(answers: Callable[[list[WorldExample]], list[str]], world: World
+                   ) -> dict[str, Any]:
+    """Refusal on held-out harmful requests, task accuracy, over-refusal, with examples;
+    `answers` gives the policy's reply to each row's single user turn."""
     harmful = answers(world.eval_harmful)
     refused = [is_world_refusal(text) for text in harmful]
     heldout = [flag for flag, row in zip(refused, world.eval_harmful, strict=True)
