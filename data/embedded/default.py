@@ -10,7 +10,7 @@ stages; that build is orchestration and lives in `safekeel.recipe`. Here:
   exactly that chat (`GUARD_TEMPLATE_OPTIONS`), so the tokens the critic prefills are the
   tokens the guard was trained on;
 * measures of the built models: refusal, task accuracy and over-refusal of the policy
-  (`measure_policy`), AUROC and where STAR values fall (`auroc`, `harmful_start_token`).
+  (`measure_policy`) and where STAR values fall (`harmful_start_token`).
 """
 
 from __future__ import annotations
