@@ -36,8 +36,8 @@ from safekeel.annotate.reference_logprobs import (
     storage_bytes_per_token,
     tokenization_settings,
 )
-from safekeel.data.shards import tokenizer_fingerprint
 from safekeel.data.embedded.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+from safekeel.data.shards import tokenizer_fingerprint
 from safekeel.data.tokenization import TokenizationConfig, tokenize_example
 from safekeel.train.data import TrainingExample, collate
 from safekeel.train.objective import (
