@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-import safekeel.annotate.reference_stage as reference_stage
+from safekeel.annotate import reference_stage
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.annotate.reference_logprobs import (
     REF_TARGET_COLUMN,

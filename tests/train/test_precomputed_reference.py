@@ -22,7 +22,7 @@ from safekeel.data.embedded.tiny_models import save_tiny_model
 from safekeel.train.objective import ObjectiveInputError
 from safekeel.train.reference import MissingReferenceError
 from safekeel.train.run import train
-from tests.train.test_run import make_config, read_log, weights_of
+from tests.train.test_run import make_config, read_log
 
 VOCAB = 1024  # the tiny tokenizer's
 N_ROWS = 12
