@@ -12,7 +12,9 @@ weights a(t), b(t) is the `weight_policy` (`train.weights`).
    value finite and in range: `ShardReader` + `validate_values`).
 2. `setup_accelerator`, `setup_data`, `setup_output_dir`, `setup_model`: the model,
    optimizer, schedule and reference (`train.reference`: a frozen copy for full
-   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`), then
+   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`, or with
+   `--reference precomputed` no model: the log-probs stored in the shards, whose
+   provenance is checked against this model shard by shard), then
    `resume_from_checkpoint`.
 3. `run_loop`: one `train_step` per optimizer step = `gradient_accumulation_steps`
    micro-batches per process. The micro-batches of a step are fetched first so their
