@@ -4,8 +4,9 @@
     python benchmarks/bench_ref_curve.py --quick       # the embedded tiny Llama, 4 steps
     python benchmarks/bench_ref_curve.py --estimator k3 --steps 10
 
-The rows (harmful SST-2 mix from the shared data folder when present, else templated text)
-are annotated once with the `reference` section (transformers, top-16, float32), then
+The rows (harmful SST-2 mix from the shared data folder when present, else templated
+text; always templated text for the tiny model, whose context SST-2's template overflows) are
+annotated once with the `reference` section (transformers, top-16, float32), then
 `constant_kl` trains twice on the same shards, in float32, with the same seed: once with the
 live frozen copy, once with `--reference precomputed`. With a target-token estimator (k2,
 the default; k3; k1) the two must agree to float noise; with forward KL the precomputed
@@ -29,8 +30,8 @@ SMOLLM2 = "smollm2-135m-instruct"
 DATA = SHARED / "nlsr_finetune" / "sst2" / "train_merged_n1000_p0.2.json"
 
 
-def write_corpus(path: Path, n: int) -> Path:
-    if DATA.exists():
+def write_corpus(path: Path, n: int, shared: bool) -> Path:
+    if shared and DATA.exists():
         items = json.loads(DATA.read_text())[:n]
         rows = [{"prompt": f"{i['instruction']} {i.get('input', '')}".strip(),
                  "response": i["output"]} for i in items]
@@ -72,7 +73,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_ref_curve_"))
     policy = tiny_policy(work) if args.model == "tiny" else args.model
-    corpus = write_corpus(work / "corpus.jsonl", args.steps * args.batch)
+    # the tiny model's tokenizer spends a token on a few characters: SST-2's long template
+    # would not fit its context, so it gets the short templated rows
+    corpus = write_corpus(work / "corpus.jsonl", args.steps * args.batch, args.model != "tiny")
     tokenization = {"max_length": args.max_length}
     say(f"annotating {args.steps * args.batch} rows with the reference (top-{args.top_k})")
     started = time.perf_counter()
