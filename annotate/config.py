@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from safekeel.annotate.probe_stage import ProbeApplyConfig
+from safekeel.annotate.reference_stage import ReferenceConfig
 from safekeel.data.config import ConfigError, option
 from safekeel.data.corpus import CorpusConfig
 from safekeel.data.guard.settings import GuardSettings
@@ -68,6 +69,8 @@ class AnnotateConfig:
     critic: GuardSettings = option(GuardSettings, help="The Safety Critic (guard LLM).")
     star: StarConfig = option(StarConfig, help="STAR trajectories over partial responses.")
     probe: ProbeApplyConfig = option(ProbeApplyConfig, help="The harmful-intent probe.")
+    reference: ReferenceConfig = option(ReferenceConfig, help="The precomputed reference "
+                                        "(the policy's log-probs) for training.")
     output_dir: str = option("runs/annotate", help="Where shards, manifest and report go.")
     rows_per_shard: int = option(4096, help="Rows per Parquet shard (the unit of resume).")
     row_group_size: int = option(2048, help="Rows per Parquet row group.")

@@ -43,6 +43,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from safekeel.data.risk_columns import (
+    REF_TARGET,
+    REF_TOPK_IDS,
+    REF_TOPK_LOGPROBS,
+    REFERENCE_COLUMN_NAMES,
+)
 from safekeel.data.tokenization import (
     IGNORE_INDEX,
     TokenizationConfig,
@@ -53,12 +59,12 @@ from safekeel.data.tokenization import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# Column names and the metadata key; to join the single declaration of risk columns in
-# data/shards once that lands.
-REF_TARGET_COLUMN = "ref_target_logprob"
-REF_TOPK_IDS_COLUMN = "ref_topk_ids"
-REF_TOPK_LOGPROBS_COLUMN = "ref_topk_logprobs"
-REFERENCE_COLUMNS: tuple[str, ...] = (REF_TARGET_COLUMN, REF_TOPK_IDS_COLUMN, REF_TOPK_LOGPROBS_COLUMN)
+# Column names (declared in data.risk_columns) and the key of `ReferenceProvenance` in the
+# shard provenance's `extra`.
+REF_TARGET_COLUMN = REF_TARGET.name
+REF_TOPK_IDS_COLUMN = REF_TOPK_IDS.name
+REF_TOPK_LOGPROBS_COLUMN = REF_TOPK_LOGPROBS.name
+REFERENCE_COLUMNS: tuple[str, ...] = REFERENCE_COLUMN_NAMES
 REFERENCE_METADATA_KEY = "safekeel.reference"
 
 DEFAULT_TOP_K = 16

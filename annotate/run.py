@@ -55,7 +55,7 @@ SCHEMA_SAMPLE_ROWS = 1000  # rows read to infer the types of the original column
 
 
 class Annotator(Protocol):
-    """One producer of risk columns (critic, STAR, probe)."""
+    """One producer of shard columns (critic, STAR, probe, precomputed reference)."""
 
     columns: tuple[str, ...]
 
@@ -106,6 +106,11 @@ def build_annotators(cfg: AnnotateConfig, tokenizer: Any) -> list[Annotator]:
 
         annotators.append(ProbeAnnotator(cfg.probe, cfg.policy, cfg.trust_remote_code,
                                          max_prompt_tokens=cfg.tokenization.max_length))
+    if cfg.reference.enabled:
+        from safekeel.annotate.reference_stage import ReferenceAnnotator
+
+        annotators.append(ReferenceAnnotator(cfg.reference, cfg.policy, tokenizer,
+                                             cfg.tokenization, cfg.trust_remote_code))
     if not cfg.critic.enabled:
         return annotators
     from safekeel.annotate.star import StarAnnotator
@@ -169,7 +174,10 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     provenance = run_provenance(cfg, tokenizer)
     for annotator in annotators:
         for key, value in annotator.provenance().items():
-            setattr(provenance, key, value)
+            if key == "extra":  # annotators add their own entries
+                provenance.extra.update(value)
+            else:
+                setattr(provenance, key, value)
 
     total_rows = count_rows(cfg.corpus)
     plan = plan_shards(total_rows, cfg.rows_per_shard, cfg.num_workers, cfg.worker_index)

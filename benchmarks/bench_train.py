@@ -20,7 +20,9 @@ What is printed, side by side (the issue's targets in brackets):
                  skipped) [<= 1.05x]; every batch regulated with the frozen reference copy
                  (full fine-tuning, constant_kl) [<= 1.5x]; every batch regulated with the
                  adapter-disabled LoRA reference (against LoRA SFT); with the precomputed
-                 reference [<= 1.05x] (a slot: `--reference precomputed` does not exist yet)
+                 reference (`--reference precomputed`, top-16, forward KL like the frozen
+                 copy's row; the shards' reference columns are scored once beforehand, and
+                 that time is printed) [<= 1.05x]
   peak memory    peak RSS of each training process (resource.getrusage) [LoRA regulated
                  <= 1.1x LoRA SFT; precomputed reference <= 1.02x SFT]
   reader         tokens per second the shard stream delivers against those the SFT trainer
@@ -53,10 +55,10 @@ from pathlib import Path
 from benchlib import REPO, SHARED, add_common_arguments, pick_dtype, process_peak_mib, say
 
 SMOLLM2 = "smollm2-135m-instruct"
-# The precomputed reference (issue #12, point 1) does not exist yet. When `safekeel train
-# --reference precomputed` does, set this to the config values that select it (and let the
-# shards carry the reference columns); its row then appears in the tables below.
-PRECOMPUTED_REFERENCE: dict | None = None
+# The config values that select the precomputed reference (run on shards that carry the
+# reference columns, `write_shards(..., reference_top_k=...)`); None leaves its row out.
+PRECOMPUTED_REFERENCE: dict | None = {"reference": "precomputed"}
+REFERENCE_TOP_K = 16
 
 
 # --------------------------------------------------------------------------- inputs
@@ -84,7 +86,27 @@ def make_rows(n: int, risk: float) -> list[dict]:
     return rows
 
 
-def write_shards(directory: Path, rows: list[dict], fingerprint: str) -> Path:
+def reference_columns(rows: list[dict], policy: str, max_length: int, top_k: int
+                      ) -> tuple[dict, dict]:
+    """The precomputed reference's columns for `rows` and its provenance, as annotate's
+    `reference` section makes them (transformers backend, the policy as training loads it)."""
+    from safekeel.annotate.reference_stage import ReferenceAnnotator, ReferenceConfig
+    from safekeel.data.models import load_causal_lm, load_tokenizer
+    from safekeel.data.tokenization import TokenizationConfig
+
+    # the dtype training loads the policy in (its checkpoint's), so the provenance matches
+    dtype = str(next(load_causal_lm(policy).parameters()).dtype).removeprefix("torch.")
+    annotator = ReferenceAnnotator(
+        ReferenceConfig(enabled=True, backend="transformers", top_k=top_k, dtype=dtype),
+        policy, load_tokenizer(policy), TokenizationConfig(max_length=max_length))
+    try:
+        return annotator.annotate(rows), annotator.provenance()["extra"]
+    finally:
+        annotator.close()
+
+
+def write_shards(directory: Path, rows: list[dict], fingerprint: str,
+                 reference: tuple[dict, dict] | None = None) -> Path:
     from safekeel.data.shards import (
         MANIFEST_NAME,
         Manifest,
@@ -96,7 +118,13 @@ def write_shards(directory: Path, rows: list[dict], fingerprint: str) -> Path:
 
     provenance = Provenance(policy_tokenizer="bench", policy_tokenizer_fingerprint=fingerprint,
                             critic_model="bench-guard")
-    schema = shard_schema([], ["critic_p_unsafe"])
+    columns = ["critic_p_unsafe"]
+    if reference is not None:
+        values, extra = reference
+        provenance.extra.update(extra)
+        rows = [{**row, **{c: v[i] for c, v in values.items()}} for i, row in enumerate(rows)]
+        columns += list(values)
+    schema = shard_schema([], columns)
     plan = plan_shards(len(rows), 64)
     infos = []
     for k in plan:
@@ -392,6 +420,14 @@ def main() -> None:
     (work / "rows_safe.json").write_text(json.dumps(safe_rows))
     safe = write_shards(work / "safe", safe_rows, fingerprint)
     risky = write_shards(work / "risky", make_rows(n_rows, 0.9), fingerprint)
+    with_reference = None
+    if PRECOMPUTED_REFERENCE is not None:
+        started = time.perf_counter()
+        values = reference_columns(safe_rows, policy, args.max_length, REFERENCE_TOP_K)
+        seconds = time.perf_counter() - started
+        with_reference = write_shards(work / "safe_ref", safe_rows, fingerprint, values)
+        say(f"precomputed reference (top-{REFERENCE_TOP_K}) of {n_rows} rows scored in "
+            f"{seconds:.1f} s, once")
     counts, order = batch_tokens(safe, policy, args.max_length, args.batch)
     counts = counts[:total_steps]
     body, head = parameter_counts(policy)
@@ -421,7 +457,8 @@ def main() -> None:
     configs["regulated, frozen copy"] = spec("ckl", safe, method="constant_kl")
     configs["regulated, precomputed ref"] = (
         None if PRECOMPUTED_REFERENCE is None
-        else spec("precomputed", safe, method="constant_kl", **PRECOMPUTED_REFERENCE))
+        else spec("precomputed", with_reference, method="constant_kl",
+                  **PRECOMPUTED_REFERENCE))
     configs["lora sft"] = spec("lora_sft", risky, method="sft", lora={"enabled": True})
     configs["lora regulated, adapter off"] = spec("lora_adaptive", risky, method="adaptive",
                                                   lora={"enabled": True})
@@ -489,7 +526,7 @@ def main() -> None:
                 ("lora sft", "lora sft", None), ("lora regulated, adapter off", "lora sft", None)]
     for name, against, target in rows_out:
         if name not in results:
-            print(f"  {name:28s}     n/a   (no --reference precomputed yet: issue #12 point 1)")
+            print(f"  {name:28s}     n/a   (PRECOMPUTED_REFERENCE is None)")
             continue
         ratio = paired_ratio(name, against)
         goal = "" if target is None else f"   target <= {target:.2f}x: " + (

@@ -11,6 +11,10 @@ Granularity says how a column is shaped:
 * `segment`: one list per row, one item per segment of the response. The segment columns of
   one producer come together and have equal lengths per row (STAR's values and their token
   ends); the trainer spreads them over the response tokens.
+* `token`: one list per row, one item per trained response token, in training's order
+  (the precomputed reference's log-probs). These are not risk signals: the weight policies
+  never read them; `safekeel train --reference precomputed` uses them instead of a
+  reference model. A row training will skip (a `TokenizationIssue`) holds null.
 
 Columns of one producer are written by one annotator in one pass, so a shard holds all of
 them or none.
@@ -23,7 +27,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-Granularity = Literal["example", "segment"]
+Granularity = Literal["example", "segment", "token"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ class RiskColumn:
 
     def __post_init__(self) -> None:
         is_list = pa.types.is_list(self.arrow_type)
-        if is_list != (self.granularity == "segment"):
-            raise ValueError(f"{self.name}: segment columns are lists, example columns are not")
+        if is_list != (self.granularity in ("segment", "token")):
+            raise ValueError(
+                f"{self.name}: segment columns are lists (token columns too), example columns are not"
+            )
 
     @property
     def value_type(self) -> pa.DataType:
@@ -115,8 +121,45 @@ STAR_ENDS = RiskColumn(
     increasing=True,
 )
 
+# The precomputed reference (annotate.reference_logprobs): one entry per trained response
+# token. Its provenance (`ReferenceProvenance`: model fingerprint, tokenisation, top-k,
+# dtype) sits in the provenance's `extra` under "safekeel.reference"; the top-k width is
+# per shard, so the declared item type is a plain list (writers may hand fixed-size lists).
+REF_TARGET = RiskColumn(
+    name="ref_target_logprob",
+    producer="reference",
+    arrow_type=pa.list_(pa.float32()),
+    granularity="token",
+    low=None,
+    high=0.0,
+    provenance=("policy_tokenizer_fingerprint",),
+    meaning="the reference's log-prob of each trained response token",
+)
+REF_TOPK_IDS = RiskColumn(
+    name="ref_topk_ids",
+    producer="reference",
+    arrow_type=pa.list_(pa.list_(pa.int32())),
+    granularity="token",
+    low=0,
+    high=None,
+    provenance=("policy_tokenizer_fingerprint",),
+    meaning="the reference's top-k token ids at each trained response token",
+)
+REF_TOPK_LOGPROBS = RiskColumn(
+    name="ref_topk_logprobs",
+    producer="reference",
+    arrow_type=pa.list_(pa.list_(pa.float32())),
+    granularity="token",
+    low=None,
+    high=0.0,
+    provenance=("policy_tokenizer_fingerprint",),
+    meaning="the reference's log-probs of its top-k tokens at each trained response token",
+)
+
 # Canonical order: the order of the risk columns in a shard.
-RISK_COLUMNS: tuple[RiskColumn, ...] = (CRITIC, PROBE, STAR_VALUES, STAR_ENDS)
+RISK_COLUMNS: tuple[RiskColumn, ...] = (
+    CRITIC, PROBE, STAR_VALUES, STAR_ENDS, REF_TARGET, REF_TOPK_IDS, REF_TOPK_LOGPROBS,
+)
 BY_NAME: dict[str, RiskColumn] = {column.name: column for column in RISK_COLUMNS}
 RISK_COLUMN_NAMES: tuple[str, ...] = tuple(BY_NAME)
 EXAMPLE_COLUMNS: tuple[RiskColumn, ...] = tuple(
@@ -124,6 +167,11 @@ EXAMPLE_COLUMNS: tuple[RiskColumn, ...] = tuple(
 )
 SEGMENT_COLUMNS: tuple[RiskColumn, ...] = tuple(
     c for c in RISK_COLUMNS if c.granularity == "segment"
+)
+TOKEN_COLUMNS: tuple[RiskColumn, ...] = tuple(c for c in RISK_COLUMNS if c.granularity == "token")
+REFERENCE_PRODUCER = "reference"
+REFERENCE_COLUMN_NAMES: tuple[str, ...] = tuple(
+    c.name for c in RISK_COLUMNS if c.producer == REFERENCE_PRODUCER
 )
 
 CRITIC_COLUMN = CRITIC.name

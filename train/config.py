@@ -115,6 +115,16 @@ class TrainConfig:
     method: Method = option(
         "adaptive", help="How risk turns into per-token CE and KL weights.")
     kl: KLConfig = option(KLConfig, help="KL term.")
+    reference: Literal["live", "precomputed"] = option(
+        "live", help="The KL reference q. live: a frozen copy of the policy (full "
+        "fine-tuning) or the policy with its adapter off (LoRA), run on every regulated "
+        "micro-batch. precomputed: no reference model and no reference forward; the log-probs "
+        "annotate stored (reference.enabled) are read from the shards. k1/k2/k3 are exact; "
+        "forward KL uses the stored top-k plus one bucket (an underestimate); reverse is "
+        "refused.")
+    reference_min_top_k: int = option(
+        1, help="--reference precomputed with forward KL: refuse shards storing a smaller "
+        "top-k.")
     risk: RiskConfig = option(RiskConfig, help="How the risk columns set the weights.")
     lora: LoraConfig = option(LoraConfig, help="LoRA adapter (off: full fine-tuning).")
     tokenization: TokenizationConfig = option(TokenizationConfig, help="Chat tokenisation.")
@@ -172,5 +182,13 @@ class TrainConfig:
             make_weight_policy(self.method, **weight_policy_params(self))
         except ValueError as err:
             raise ConfigError(f"risk: {err}") from None
+        if self.reference == "precomputed" and self.kl.estimator == "reverse":
+            raise ConfigError(
+                "reference: precomputed stores the reference's top-k only, and reverse KL "
+                "needs its whole distribution; use kl.estimator k2/k3 (exact) or forward "
+                "(top-k), or --reference live")
+        if self.reference_min_top_k < 1:
+            raise ConfigError(
+                f"reference_min_top_k: must be at least 1, got {self.reference_min_top_k}")
         if self.merge_lora and not self.lora.enabled:
             raise ConfigError("merge_lora: needs lora.enabled (there is no adapter to merge)")

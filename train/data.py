@@ -43,6 +43,7 @@ from torch import Tensor
 
 from safekeel.data.risk_columns import (
     EXAMPLE_COLUMNS,
+    REF_TARGET,
     RISK_COLUMN_NAMES,
     RISK_COLUMNS,
     STAR_ENDS_COLUMN,
@@ -55,6 +56,7 @@ from safekeel.data.tokenization import (
     TokenizationIssue,
     tokenize_example,
 )
+from safekeel.train.objective import PrecomputedReference, stack_precomputed
 from safekeel.train.weights import star_tokens_for_batch
 
 # Every declared risk column can be streamed; `TrainingExample` has a field of the same name
@@ -77,6 +79,20 @@ class TrainingExample:
     probe_p_harmful: float | None = None
     star_v_safe: list[float] | None = None
     star_token_ends: list[int] | None = None
+    # the precomputed reference (`--reference precomputed`): one entry per trained token
+    ref_target_logprob: list[float] | None = None
+    ref_topk_ids: list[list[int]] | None = None
+    ref_topk_logprobs: list[list[float]] | None = None
+
+
+def _precomputed_row(example: TrainingExample) -> PrecomputedReference:
+    """One row's stored reference values as tensors (top-k [n, k]; k may be 0)."""
+    target = torch.tensor(example.ref_target_logprob, dtype=torch.float32)
+    if not example.ref_topk_ids or not example.ref_topk_ids[0]:  # no tokens, or top-0
+        return PrecomputedReference(target)
+    ids = torch.tensor(example.ref_topk_ids, dtype=torch.int64)
+    logprobs = torch.tensor(example.ref_topk_logprobs, dtype=torch.float32)
+    return PrecomputedReference(target, ids, logprobs)
 
 
 @dataclass
@@ -89,6 +105,8 @@ class TrainingBatch:
     target_ids: [B, T-1] the labels those logits predict (IGNORE_INDEX where not trained).
     critic_p_unsafe, probe_p_harmful: [B] float32 or None; star_v_safe_tokens: [B, T-1]
         STAR's P(safe) placed on the response positions, or None.
+    reference: the precomputed reference's values of the N response positions in mask
+        order (`train.objective.stack_precomputed`), or None when the rows carry none.
     ids: example ids, in row order ("" for a padding row).
     """
 
@@ -101,6 +119,7 @@ class TrainingBatch:
     critic_p_unsafe: Tensor | None = None
     probe_p_harmful: Tensor | None = None
     star_v_safe_tokens: Tensor | None = None
+    reference: PrecomputedReference | None = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -113,9 +132,14 @@ class TrainingBatch:
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         moved: dict[str, Any] = {}
-        for name in (f.name for f in fields(self) if f.name != "ids"):  # every tensor
-            value = getattr(self, name)
+        for name in (f.name for f in fields(self) if f.name not in ("ids", "reference")):
+            value = getattr(self, name)  # every tensor
             moved[name] = None if value is None else value.to(device)
+        ref = self.reference
+        if ref is not None:
+            moved["reference"] = PrecomputedReference(*(
+                None if t is None else t.to(device)
+                for t in (ref.target_logprob, ref.topk_ids, ref.topk_logprobs)))
         return replace(self, **moved)
 
 
@@ -152,6 +176,14 @@ def collate(examples: Sequence[TrainingExample], pad_token_id: int) -> TrainingB
         if any(v is None for v in v_rows) or any(e is None for e in end_rows):
             raise StreamConfigError("STAR columns are set for some examples but not others")
         star = star_tokens_for_batch(v_rows, end_rows, response_mask)
+    reference = None
+    ref_rows = [getattr(e, REF_TARGET.name) for e in examples]
+    if any(r is not None for r in ref_rows):
+        if any(r is None for r in ref_rows):
+            raise StreamConfigError(
+                "precomputed reference values are set for some examples but not others")
+        # refuses rows whose stored token count differs from this tokenisation's
+        reference = stack_precomputed([_precomputed_row(e) for e in examples], response_mask)
     return TrainingBatch(
         ids=[e.id for e in examples],
         input_ids=input_ids,
@@ -160,6 +192,7 @@ def collate(examples: Sequence[TrainingExample], pad_token_id: int) -> TrainingB
         response_mask=response_mask,
         target_ids=target_ids,
         star_v_safe_tokens=star,
+        reference=reference,
         **{column.name: per_example(column.name) for column in EXAMPLE_COLUMNS},
     )
 

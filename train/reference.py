@@ -3,6 +3,9 @@
 * Full fine-tuning: a frozen copy of the initial model, in eval mode (`build_reference`).
 * LoRA: the trained model itself with its adapter switched off, i.e. the base model
   (`AdapterDisabledReference`); no second copy of the weights exists.
+* `--reference precomputed`: no model at all; `StoredReference` hands the objective the
+  log-probs annotate stored in the shards (`TrainingBatch.reference`), after
+  `check_stored_reference` has compared every shard's `ReferenceProvenance` with this run.
 * `SkippingReference` is what the training loop calls: it runs the reference forward only
   when some b(t) != 0 in the micro-batch, and counts the forwards it ran and skipped.
 
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from safekeel.train.data import TrainingBatch
-from safekeel.train.objective import LazyLogits, lazy_masked_logits
+from safekeel.train.objective import LazyLogits, PrecomputedReference, lazy_masked_logits
 from safekeel.train.weights import TokenWeights, needs_reference
 
 
@@ -76,6 +79,58 @@ class AdapterDisabledReference:
         finally:
             causal_lm.train(was_training)
         return lazy_masked_logits(hidden, causal_lm.get_output_embeddings(), batch.response_mask)
+
+
+@dataclass
+class StoredReference:
+    """`--reference precomputed`: the reference's stored log-probs, read with the batch."""
+
+    def response_logits(self, batch: TrainingBatch) -> PrecomputedReference:
+        if batch.reference is None:
+            raise MissingReferenceError(
+                "a micro-batch without precomputed reference values (the shards lack the "
+                "ref_* columns); annotate with reference.enabled, or use --reference live"
+            )
+        return batch.reference
+
+
+def expected_reference_provenance(
+    model: torch.nn.Module, tokenizer: Any, tokenization: Any, name: str, *, min_top_k: int
+) -> Any:
+    """This run's reference as annotate would have recorded it: the starting policy (before
+    any adapter), the policy tokenizer, the tokenisation and the weights' dtype."""
+    from safekeel.annotate.activations import fingerprint_transformers_model
+    from safekeel.annotate.reference_logprobs import ReferenceProvenance, tokenization_settings
+    from safekeel.data.shards import tokenizer_fingerprint
+
+    return ReferenceProvenance(
+        reference=fingerprint_transformers_model(model, tokenizer, name=name).to_dict(),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        tokenization=tokenization_settings(tokenization),
+        top_k=min_top_k,
+        compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+
+
+def check_stored_reference(files: Any, expected: Any, *, estimator: str) -> None:
+    """Refuse any shard whose stored reference is not this run's (one line naming it)."""
+    from safekeel.annotate.reference_logprobs import (
+        REFERENCE_METADATA_KEY,
+        ReferenceProvenance,
+        check_reference_provenance,
+    )
+    from safekeel.data.shards import read_shard_metadata
+
+    for path in files:
+        _, provenance = read_shard_metadata(path)
+        stored = provenance.extra.get(REFERENCE_METADATA_KEY)
+        if stored is None:
+            raise MissingReferenceError(
+                f"{path.name}: no precomputed reference provenance; annotate with "
+                "reference.enabled, or use --reference live"
+            )
+        check_reference_provenance(ReferenceProvenance(**stored), expected,
+                                   estimator=estimator, where=path.name)
 
 
 def build_reference(model: torch.nn.Module, device: torch.device) -> FrozenCopyReference:

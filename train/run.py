@@ -12,7 +12,9 @@ weights a(t), b(t) is the `weight_policy` (`train.weights`).
    value finite and in range: `ShardReader` + `validate_values`).
 2. `setup_accelerator`, `setup_data`, `setup_output_dir`, `setup_model`: the model,
    optimizer, schedule and reference (`train.reference`: a frozen copy for full
-   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`), then
+   fine-tuning, the model with its LoRA adapter disabled for `lora.enabled`, or with
+   `--reference precomputed` no model: the log-probs stored in the shards, whose
+   provenance is checked against this model shard by shard), then
    `resume_from_checkpoint`.
 3. `run_loop`: one `train_step` per optimizer step = `gradient_accumulation_steps`
    micro-batches per process. The micro-batches of a step are fetched first so their
@@ -79,6 +81,7 @@ from safekeel.data.output_dir import (
     is_bookkeeping,
     prepare_output_dir,
 )
+from safekeel.data.risk_columns import REFERENCE_COLUMN_NAMES
 from safekeel.data.shards import Manifest, ShardReader, tokenizer_fingerprint
 from safekeel.train.config import TrainConfig, weight_policy_params
 from safekeel.train.data import TrainingBatch, TrainingStream
@@ -94,7 +97,10 @@ from safekeel.train.reference import (
     AdapterDisabledReference,
     ReferenceModel,
     SkippingReference,
+    StoredReference,
     build_reference,
+    check_stored_reference,
+    expected_reference_provenance,
 )
 from safekeel.train.weights import TokenWeights, WeightPolicy, make_weight_policy
 
@@ -262,13 +268,24 @@ def configure_for_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
         )
 
 
+def uses_stored_reference(cfg: TrainConfig, weight_policy: WeightPolicy) -> bool:
+    """`--reference precomputed` for a method that has a KL term at all."""
+    return cfg.reference == "precomputed" and weight_policy.uses_reference
+
+
+def columns_read(cfg: TrainConfig, weight_policy: WeightPolicy) -> tuple[str, ...]:
+    """The shard columns the run streams: the weight policy's, and the stored reference's."""
+    stored = REFERENCE_COLUMN_NAMES if uses_stored_reference(cfg, weight_policy) else ()
+    return (*weight_policy.required_columns, *stored)
+
+
 def open_shards(cfg: TrainConfig, weight_policy: WeightPolicy, tokenizer: Any) -> ShardReader:
     """Validate the shard set for this method and tokenizer; raises ShardError naming where."""
     if not cfg.shards:
         raise ConfigError("shards: no shard directory given")
     reader = ShardReader(
         cfg.shards,
-        required_columns=weight_policy.required_columns,
+        required_columns=columns_read(cfg, weight_policy),
         expected_tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         consumer=f"method {cfg.method!r}",
     )
@@ -515,7 +532,7 @@ def setup_data(
         tokenizer,
         cfg.tokenization,
         cfg.per_device_batch_size,
-        risk_columns=weight_policy.required_columns,
+        risk_columns=columns_read(cfg, weight_policy),
         seed=cfg.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
@@ -547,19 +564,31 @@ def setup_output_dir(cfg: TrainConfig, accelerator: Accelerator) -> OutputPaths:
 
 
 def setup_model(
-    cfg: TrainConfig, weight_policy: WeightPolicy, accelerator: Accelerator, total_steps: int
+    cfg: TrainConfig, weight_policy: WeightPolicy, accelerator: Accelerator, total_steps: int,
+    stream: TrainingStream | None = None,
 ) -> TrainedModel:
     """Load the model (`cfg.policy`), its reference, optimizer and schedule; `prepare` them.
 
     Full fine-tuning copies the reference before `prepare`, so it never becomes part of
     the optimised (or wrapped) model. LoRA's reference is the model with its adapter off.
+    `--reference precomputed` builds none: every shard of `stream` must hold the stored
+    reference of this very model (checked against the model as loaded, before any adapter).
     """
     model = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     model.train()
     reference: ReferenceModel | None = None
+    stored = uses_stored_reference(cfg, weight_policy)
+    if stored:
+        if stream is None:
+            raise ConfigError("reference: precomputed needs the training stream's shards")
+        expected = expected_reference_provenance(
+            model, stream.tokenizer, cfg.tokenization, cfg.policy,
+            min_top_k=cfg.reference_min_top_k)
+        check_stored_reference(stream.reader.files, expected, estimator=cfg.kl.estimator)
+        reference = StoredReference()
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
-    elif weight_policy.uses_reference:
+    elif weight_policy.uses_reference and not stored:
         reference = build_reference(model, accelerator.device)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -573,7 +602,7 @@ def setup_model(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    if cfg.lora.enabled and weight_policy.uses_reference:
+    if cfg.lora.enabled and weight_policy.uses_reference and not stored:
         reference = AdapterDisabledReference(unwrapped)
     return TrainedModel(
         model, unwrapped, optimizer, scheduler, SkippingReference(reference, cfg.method)
@@ -702,7 +731,7 @@ def train(cfg: TrainConfig, settings: LoopSettings | None = None) -> TrainResult
     stream = setup_data(cfg, weight_policy, tokenizer, accelerator)
     total_steps = count_total_steps(cfg, stream)
     paths = setup_output_dir(cfg, accelerator)
-    trained = setup_model(cfg, weight_policy, accelerator, total_steps)
+    trained = setup_model(cfg, weight_policy, accelerator, total_steps, stream)
 
     resume_key = _resume_key(cfg, accelerator.num_processes, total_steps,
                              stream.reader.manifest)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from safekeel.data.risk_columns import (
     EXAMPLE_COLUMNS,
     SEGMENT_COLUMNS,
+    TOKEN_COLUMNS,
     RiskColumn,
     producer_columns,
 )
@@ -73,7 +74,8 @@ def check_batch_values(batch: pa.RecordBatch | pa.Table, shard: str, row_offset:
     and not null (a row without a score is an annotation bug, not "unscored"); segment
     columns (STAR) are not null or empty, the segment columns of one producer have equal
     lengths per row, and every item is in its declared range (P(safe) in [0, 1], token ends
-    >= 1) and, where declared, strictly increasing within the row.
+    >= 1) and, where declared, strictly increasing within the row. Token columns (the
+    precomputed reference) of one producer have equal lengths per row and are null together.
     """
     names = set(batch.schema.names)
     ids = batch.column(ID_COLUMN) if ID_COLUMN in names else None
@@ -107,6 +109,33 @@ def check_batch_values(batch: pa.RecordBatch | pa.Table, shard: str, row_offset:
     _check_equal_lengths(segments, column, shard, row_offset, ids)
     for spec in segments:
         _check_segment_items(spec, column(spec.name), shard, row_offset, ids)
+    _check_token_columns([s for s in TOKEN_COLUMNS if s.name in names], column, shard,
+                         row_offset, ids)
+
+
+def _check_token_columns(
+    tokens: list[RiskColumn],
+    column: Callable[[str], pa.Array],
+    shard: str,
+    row_offset: int,
+    ids: pa.Array | None,
+) -> None:
+    """Token columns of one producer: one item per response token each, so equal lengths
+    per row, and null together (a row training skips). Values are not scanned: the
+    reference's top-k is large and its provenance is checked where it is used."""
+    if not tokens:
+        return
+    first = tokens[0]
+    first_len = pc.list_value_length(column(first.name))
+    for other in tokens[1:]:
+        other_len = pc.list_value_length(column(other.name))
+        nulls_differ = _first(pc.not_equal(pc.is_null(first_len), pc.is_null(other_len)))
+        unequal = _first(pc.not_equal(first_len, other_len))
+        bad = nulls_differ if nulls_differ >= 0 else unequal
+        if bad >= 0:
+            _fail(shard, first.name, row_offset, ids, bad,
+                  f"has {first_len[bad].as_py()} token values but {other.name} has "
+                  f"{other_len[bad].as_py()}")
 
 
 def _check_equal_lengths(

@@ -109,7 +109,10 @@ def _same_type_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
     if pa.types.is_string(expected):
         return pa.types.is_string(actual) or pa.types.is_large_string(actual)
     if pa.types.is_list(expected):
-        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _same_type_kind(
+        # fixed-size lists too: the reference's top-k rows are written k wide
+        is_list = (pa.types.is_list(actual) or pa.types.is_large_list(actual)
+                   or pa.types.is_fixed_size_list(actual))
+        return is_list and _same_type_kind(
             actual.value_type, expected.value_type
         )
     if pa.types.is_struct(expected):
