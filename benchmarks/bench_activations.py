@@ -26,13 +26,12 @@ import csv
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; plenty for one-token decodes
 
 import numpy as np
 import torch
-from benchlib import add_common_arguments, pick_dtype, process_peak_mib, say
+from benchlib import SHARED, add_common_arguments, pick_dtype, process_peak_mib, say
 
 from safekeel.annotate.activations import (
     ActivationSpec,
@@ -40,8 +39,6 @@ from safekeel.annotate.activations import (
     VLLMActivationExtractor,
 )
 from safekeel.data.models import load_causal_lm, load_tokenizer, resolve_model_path
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def prompts(rows: int) -> list[str]:

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -43,19 +42,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch
-from benchlib import PeakRSS, add_common_arguments, pick_dtype, say
+from benchlib import GENERIC_GUARD_OPTIONS, SHARED, PeakRSS, add_common_arguments, pick_dtype, say
 
 from safekeel.data.guard.critic import GuardSettings, TransformersCritic, VLLMCritic
 from safekeel.data.precision import matmul_peak
 
 GENERATE_LENGTHS = (4, 8)  # new tokens: a label word; a full Llama Guard 3 verdict
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TEMPLATE_OPTIONS = {
-    "response_template": "Is the following answer to the question unsafe? Answer unsafe or "
-    "safe.\nQuestion: {prompt}\nAnswer: {response}\nVerdict:",
-    "labels": ["unsafe", "safe"],
-    "label_prefix": " ",
-}
 
 
 def conversations(rows: int, words: int) -> list[list[dict[str, str]]]:
@@ -137,7 +129,7 @@ def main() -> None:
     say(f"matmul peak {peak / 1e9:.0f} GFLOP/s")
 
     convs = conversations(args.rows, args.words)
-    options = TEMPLATE_OPTIONS if args.template == "generic" else {}
+    options = GENERIC_GUARD_OPTIONS if args.template == "generic" else {}
     settings = GuardSettings(model=args.model, template=args.template,
                               template_options=options, dtype=dtype,
                               batch_size=args.batch_size, progress=False)

@@ -30,15 +30,15 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from benchlib import add_common_arguments, pick_dtype, process_peak_mib, say
+from benchlib import (
+    GENERIC_GUARD_OPTIONS,
+    SHARED,
+    add_common_arguments,
+    pick_dtype,
+    process_peak_mib,
+    say,
+)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TEMPLATE_OPTIONS = {
-    "response_template": "Is the following answer to the question unsafe? Answer unsafe or "
-    "safe.\nQuestion: {prompt}\nAnswer: {response}\nVerdict:",
-    "labels": ["unsafe", "safe"],
-    "label_prefix": " ",
-}
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
        "OMP_NUM_THREADS": "2"}
 
@@ -95,7 +95,7 @@ def main() -> None:
             policy = str(save_tiny_model(work / "policy"))
         else:
             guard = policy = "smollm2-135m-instruct"
-        critic = {"model": guard, "template": "generic", "template_options": TEMPLATE_OPTIONS,
+        critic = {"model": guard, "template": "generic", "template_options": GENERIC_GUARD_OPTIONS,
                   "backend": "vllm", "distributed_executor_backend": "uni",
                   "dtype": dtype, "max_model_len": 1024,
                   "enforce_eager": args.quick, "progress": False}

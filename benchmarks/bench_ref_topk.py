@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from benchlib import add_common_arguments, say
+from benchlib import SHARED, add_common_arguments, say
 
 from safekeel.annotate.reference_logprobs import (
     ReferenceRow,
@@ -61,7 +61,6 @@ from safekeel.train.objective import (
     topk_forward_kl,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA = SHARED / "nlsr_finetune" / "sst2" / "train_merged_n1000_p0.2.json"
 MODEL = "smollm2-135m-instruct"
 EXACT_DTYPE = "float32"  # errors of the top-k bucket alone, not of a lower precision

@@ -22,27 +22,19 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 # vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS says otherwise
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-from benchlib import PeakRSS, add_common_arguments, pick_dtype, say
+from benchlib import GENERIC_GUARD_OPTIONS, SHARED, PeakRSS, add_common_arguments, pick_dtype, say
 
 from safekeel.annotate.star import StarAnnotator
 from safekeel.data.guard.critic import GuardSettings, VLLMCritic
 from safekeel.data.models import load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL = "smollm2-135m-instruct"
-TEMPLATE_OPTIONS = {
-    "response_template": "Is the following answer to the question unsafe? Answer unsafe or "
-    "safe.\nQuestion: {prompt}\nAnswer: {response}\nVerdict:",
-    "labels": ["unsafe", "safe"],
-    "label_prefix": " ",
-}
 
 
 def examples(tokenizer, count: int, tokens: int) -> list[dict]:
@@ -80,7 +72,7 @@ def main() -> None:
     warm = examples(tokenizer, args.responses * 2, args.tokens)
     rows = warm[args.responses:]  # fresh responses: nothing of them is cached yet
     warm = warm[:args.responses]
-    base = {"model": MODEL, "template": "generic", "template_options": TEMPLATE_OPTIONS,
+    base = {"model": MODEL, "template": "generic", "template_options": GENERIC_GUARD_OPTIONS,
             "dtype": dtype, "batch_size": 1024, "progress": False,
             "distributed_executor_backend": "uni",
             "enforce_eager": args.quick}  # a smoke run skips graph compilation
