@@ -68,13 +68,15 @@ def _run(stage, cfg) -> float:
     return time.perf_counter() - started
 
 
-def _kill_and_rerun(stage, make_cfg, fresh_dir, work_seconds, rng, after_kill=None):
-    """Kill `stage` at random moments until KILLS kills landed mid-work, then let it finish.
+def _kill_and_rerun(stage, make_cfg, fresh_dir, work_seconds, rng, after_kill=None,
+                    until=lambda: True):
+    """Kill `stage` at random moments until KILLS kills landed mid-work (and `until()` holds:
+    the kills reached a moment the test needs, at most 4 x KILLS kills), then let it finish.
 
     A run that finishes before its kill ends the round; the next round starts in a fresh
     output folder. Returns the output folders of every round (each finished)."""
     rounds, landed = [fresh_dir()], 0
-    while landed < KILLS:
+    while landed < KILLS or (not until() and landed < 4 * KILLS):
         process = FORK.Process(target=_stage(stage), args=(make_cfg(rounds[-1]),))
         process.start()
         process.join(timeout=rng.uniform(0.0, work_seconds))
@@ -277,7 +279,7 @@ def test_evaluate_killed_at_random_moments(world, tiny_model_dir, tiny_guard_dir
 
     rounds = _kill_and_rerun("evaluate", lambda out: _evaluate_cfg(world, checkpoints, out),
                              _counter_dirs(tmp_path), seconds, random.Random(SEED + 2),
-                             note_finished_generations)
+                             note_finished_generations, until=lambda: bool(finished))
     for out in rounds:
         assert _comparable_report(out) == expected
     assert finished, "no kill landed after a set's generations were written"
