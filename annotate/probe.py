@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
-from safekeel.data.auroc import auroc
+from safekeel.data.auroc import auroc, checked_scores_labels
 from safekeel.data.files import file_sha256
 
 ProbeKind = Literal["logreg", "mlp"]
@@ -62,15 +62,10 @@ class ProbeError(ValueError):
 
 
 def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
-    if scores.shape != labels.shape:
-        raise ProbeError(f"{scores.size} scores but {labels.size} labels")
-    if not np.isin(labels, (0, 1)).all():
-        raise ProbeError("labels must be 0 (benign) or 1 (harmful)")
-    if not np.isfinite(scores).all():
-        raise ProbeError("scores contain NaN or infinite values")
-    return scores, labels.astype(bool)
+    try:
+        return checked_scores_labels(scores, labels)
+    except ValueError as error:
+        raise ProbeError(str(error)) from None
 
 
 def threshold_for_recall(scores: np.ndarray, labels: np.ndarray, target_recall: float) -> float:
