@@ -68,22 +68,18 @@ def _run(stage, cfg) -> float:
     return time.perf_counter() - started
 
 
-def _kill_and_rerun(stage, make_cfg, fresh_dir, work_seconds, rng, after_kill=None,
-                    until=lambda: True):
-    """Kill `stage` at random moments until KILLS kills landed mid-work (and `until()` holds:
-    the kills reached a moment the test needs, at most 4 x KILLS kills), then let it finish.
+def _kill_and_rerun(stage, make_cfg, fresh_dir, work_seconds, rng, after_kill=None):
+    """Kill `stage` at random moments until KILLS kills landed mid-work, then let it finish.
 
     A run that finishes before its kill ends the round; the next round starts in a fresh
     output folder. Returns the output folders of every round (each finished)."""
     rounds, landed = [fresh_dir()], 0
-    while landed < KILLS or (not until() and landed < 4 * KILLS):
+    while landed < KILLS:
         process = FORK.Process(target=_stage(stage), args=(make_cfg(rounds[-1]),))
         process.start()
         process.join(timeout=rng.uniform(0.0, work_seconds))
         if process.exitcode is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.join()
-            assert process.exitcode == -signal.SIGKILL
+            _kill(process)
             landed += 1
             if after_kill is not None:
                 after_kill(rounds[-1])
@@ -92,6 +88,29 @@ def _kill_and_rerun(stage, make_cfg, fresh_dir, work_seconds, rng, after_kill=No
             rounds.append(fresh_dir())
     _run(stage, make_cfg(rounds[-1]))
     return rounds
+
+
+def _kill(process):
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+
+
+def _kill_once_written(stage, cfg, written, timeout=600.0):
+    """Start `stage` and SIGKILL it the moment `written()` finds its file on disk: the one
+    moment a test needs, reached for sure (random delays can all fall before it on a slow
+    machine). Returns False if the run finished before the file was seen."""
+    process = FORK.Process(target=_stage(stage), args=(cfg,))
+    process.start()
+    deadline = time.monotonic() + timeout
+    while process.exitcode is None and not written():
+        assert time.monotonic() < deadline, f"{stage} wrote nothing in {timeout:.0f} s"
+        time.sleep(0.005)
+    if process.exitcode is not None:
+        assert process.exitcode == 0
+        return False
+    _kill(process)
+    return True
 
 
 def _counter_dirs(root: Path):
@@ -279,8 +298,15 @@ def test_evaluate_killed_at_random_moments(world, tiny_model_dir, tiny_guard_dir
 
     rounds = _kill_and_rerun("evaluate", lambda out: _evaluate_cfg(world, checkpoints, out),
                              _counter_dirs(tmp_path), seconds, random.Random(SEED + 2),
-                             note_finished_generations, until=lambda: bool(finished))
-    for out in rounds:
+                             note_finished_generations)
+    # and one kill right after the first set's generations are written (four sets follow it)
+    targeted = tmp_path / "targeted"
+    cfg = _evaluate_cfg(world, checkpoints, targeted)
+    assert _kill_once_written("evaluate", cfg,
+                              lambda: any(targeted.rglob("generations.parquet")))
+    note_finished_generations(targeted)
+    _run("evaluate", cfg)
+    for out in [*rounds, targeted]:
         assert _comparable_report(out) == expected
     assert finished, "no kill landed after a set's generations were written"
     for path, mtime in finished.items():
