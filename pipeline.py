@@ -19,18 +19,22 @@ import difflib
 import importlib
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from safekeel.annotate.config import AnnotateConfig
 from safekeel.annotate.probe_stage import ProbeFitConfig
 from safekeel.data.config import (
     ConfigError,
     add_config_arguments,
+    deep_merge,
+    from_dict,
     leaf_fields,
     load_config,
     overrides_from_namespace,
+    read_yaml,
 )
 from safekeel.evaluate.config import EvaluateConfig
-from safekeel.recipe import RunConfig, preset_path
+from safekeel.recipe import RunConfig, expand_placeholders, preset_path
 from safekeel.train.config import TrainConfig
 
 USER_ERROR = 2  # the exit code of a mistake in what the user gave (argparse's too)
@@ -90,6 +94,20 @@ def user_error(message: str) -> int:
     return USER_ERROR
 
 
+def load_stage_config(verb: str, cls: type, config_file: str | None,
+                      overrides: dict[str, Any]) -> Any:
+    """A verb's config. A stage given a run config (configs/smollm2.yaml) reads its own
+    section, with the run's `{output_dir}` and `{data_dir}` filled in as `run` fills them, so
+    one stage of a recipe reruns alone (`safekeel evaluate --config configs/smollm2.yaml`)."""
+    if verb == "run" or config_file is None:
+        return load_config(cls, config_file, overrides)
+    values = read_yaml(config_file)
+    if isinstance(values.get(verb), dict):  # a run config: this stage's section
+        values = expand_placeholders(values[verb], str(values.get("output_dir", "")),
+                                     str(values.get("data_dir", "")))
+    return from_dict(cls, deep_merge(values, overrides) if overrides else values)
+
+
 def main(argv: list[str] | None = None) -> int:
     from safekeel.console import is_user_error, routed_output
 
@@ -102,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         config_file = args.config
         if config_file is None and args.verb == "run":
             config_file = preset_path()
-        cfg = load_config(verb.config, config_file, overrides_from_namespace(args),
-                          section=None if args.verb == "run" else args.verb)
+        cfg = load_stage_config(args.verb, verb.config, config_file,
+                                overrides_from_namespace(args))
         if args.print_config:
             import yaml
 

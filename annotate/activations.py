@@ -183,6 +183,9 @@ class ModelFingerprint:
     vocab_size: int
     embedding_sha256: str | None = None
     chat_template_sha256: str | None = None
+    # A merged LoRA chain's `data.adapters.adapters_sha256` (None: no adapter). An adapter
+    # seldom touches the embedding rows hashed above; this tells its model from the base.
+    adapters_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -209,6 +212,11 @@ class ModelFingerprint:
                 )
         elif self.name != other.name:
             return f"name: {self.name!r} here, {other.name!r} in the other model"
+        if self.adapters_sha256 != other.adapters_sha256:
+            mine, theirs = (str(v)[:12] if v else "none"
+                            for v in (self.adapters_sha256, other.adapters_sha256))
+            return (f"adapters_sha256: the LoRA adapters differ ({mine} here, {theirs} in the "
+                    f"other model; {self.name!r} vs {other.name!r})")
         templates = (self.chat_template_sha256, other.chat_template_sha256)
         if all(templates) and templates[0] != templates[1]:
             return "chat_template_sha256: the chat templates differ"
@@ -232,6 +240,8 @@ def fingerprint_transformers_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
     name: str | None = None,
 ) -> ModelFingerprint:
+    from safekeel.data.adapters import merged_adapters_sha256
+
     config = model.config
     return ModelFingerprint(
         name=name or str(getattr(config, "name_or_path", "") or ""),
@@ -241,6 +251,7 @@ def fingerprint_transformers_model(
         vocab_size=int(config.vocab_size),
         embedding_sha256=embedding_sha256(model.get_input_embeddings().weight),
         chat_template_sha256=chat_template_sha256(tokenizer),
+        adapters_sha256=merged_adapters_sha256(str(getattr(config, "name_or_path", "") or "")),
     )
 
 
@@ -560,6 +571,8 @@ class VLLMActivationExtractor:
         self.max_prompt_tokens = min(
             config.scheduler_config.max_num_batched_tokens, config.model_config.max_model_len - 1
         )
+        from safekeel.data.adapters import merged_adapters_sha256
+
         self.fingerprint = ModelFingerprint(
             name=name or str(config.model_config.model),
             model_type=str(text_config.model_type),
@@ -568,6 +581,7 @@ class VLLMActivationExtractor:
             vocab_size=int(text_config.vocab_size),
             embedding_sha256=info["embedding_sha256"],
             chat_template_sha256=chat_template_sha256(self.tokenizer),
+            adapters_sha256=merged_adapters_sha256(str(config.model_config.model)),
         )
 
     @classmethod

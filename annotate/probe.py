@@ -14,7 +14,8 @@ that split. A fitted probe is two files, never a pickle:
 * `probe.safetensors`: the network weights and the standardisation tensors;
 * `probe.json`: the model it belongs to (name, shape, weight hash), the layers, pooling and
   dtype of its features (`activation_dtype`: the policy's compute dtype while they were
-  read), the threshold, the metrics, and the training settings.
+  read), the prompt formats it was fitted on (`formats`, annotate.probe_formats), the
+  threshold, the metrics (with the held-out AUROC per format), and the training settings.
 
 `load_probe` refuses a probe made for another model, other layers, another pooling or
 another activation dtype: the standardisation and the threshold were fitted on features
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safekeel.annotate.activations import ActivationSpec, ModelFingerprint, prompt_messages
+from safekeel.annotate.probe_formats import PLAIN_FORMAT, PromptFormat
 from safekeel.data.auroc import auroc, checked_scores_labels
 from safekeel.data.files import file_sha256
 
@@ -115,6 +117,8 @@ class ProbeReport:
     n_heldout_harmful: int
     n_heldout_benign: int
     confusion: dict[str, int] = field(default_factory=dict)
+    # held-out AUROC and size of each prompt format (format augmentation), by format name
+    per_format: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +158,8 @@ class Probe:
     hidden_size: int = 0  # of the MLP; 0 for logreg
     training: dict[str, Any] = field(default_factory=dict)
     activation_dtype: str | None = None  # the policy's dtype while features were read
+    # the prompt formats it was fitted on (`PromptFormat.to_dict`); plain chat by default
+    formats: list[dict[str, str]] = field(default_factory=lambda: [PLAIN_FORMAT.to_dict()])
 
     @property
     def feature_dim(self) -> int:
@@ -181,9 +187,25 @@ class Probe:
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, seed: int
+    labels: np.ndarray, val_fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Train and held-out indices, each class split in the same proportion."""
+    """Train and held-out indices, each class split in the same proportion.
+
+    With `groups` (one id per row, e.g. the prompt a rendering came from) whole groups are
+    split, so the renderings of one prompt never straddle the split; without, every row is
+    its own group.
+    """
+    if groups is not None:
+        groups = np.asarray(groups).reshape(-1)
+        if groups.shape != np.asarray(labels).reshape(-1).shape:
+            raise ProbeError(f"{groups.size} groups but {np.asarray(labels).size} labels")
+        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        group_labels = np.asarray(labels)[first]
+        if not np.array_equal(group_labels[inverse], np.asarray(labels)):
+            raise ProbeError("the rows of one prompt carry different labels")
+        train_groups, heldout_groups = stratified_split(group_labels, val_fraction, seed)
+        return (np.flatnonzero(np.isin(inverse, train_groups)),
+                np.flatnonzero(np.isin(inverse, heldout_groups)))
     if not 0.0 < val_fraction < 1.0:
         raise ProbeError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
@@ -280,11 +302,15 @@ def fit_probe(
     layers: Sequence[int] | str | None = None,
     pooling: str | None = None,
     num_threads: int | None = 1,
+    groups: np.ndarray | None = None,
+    formats: Sequence[str] | None = None,
 ) -> Probe:
     """Fit a probe on `features` [N, D] and `labels` [N] (1 harmful, 0 benign).
 
-    A stratified `val_fraction` of each class is held out; the standardisation and the
-    network see only the rest. The threshold reaches `target_recall` on the held-out part,
+    A stratified `val_fraction` of each class is held out (by `groups` when given: the
+    prompt each row renders, so a prompt's renderings stay on one side); the standardisation
+    and the network see only the rest. `formats` names each row's prompt format; the report
+    then gives the held-out AUROC of each. The threshold reaches `target_recall` on the held-out part,
     where all reported metrics are measured. `max_steps` defaults to 200 L-BFGS iterations
     (logreg) or 500 Adam steps (mlp). `model`, `layers` (resolved indices) and `pooling`
     describe where the features came from; they are saved with the probe. Training runs on
@@ -309,7 +335,9 @@ def fit_probe(
         raise ProbeError(f"hidden_size must be >= 1 for the mlp, got {hidden_size}")
     max_steps = max_steps if max_steps is not None else (200 if kind == "logreg" else 500)
 
-    train_idx, heldout_idx = stratified_split(y_all.astype(int), val_fraction, seed)
+    if formats is not None and len(formats) != y_all.size:
+        raise ProbeError(f"{len(formats)} format names but {y_all.size} labels")
+    train_idx, heldout_idx = stratified_split(y_all.astype(int), val_fraction, seed, groups)
     x_train = torch.from_numpy(x_all[train_idx])
     y_train = torch.from_numpy(y_all[train_idx].astype(np.float32))
     mean = x_train.mean(dim=0)
@@ -350,8 +378,23 @@ def fit_probe(
         confusion={
             k: v for k, v in at_threshold.items() if k.endswith(("positives", "negatives"))
         },
+        per_format=_per_format_auroc(heldout_scores, heldout_labels,
+                                     np.asarray(formats, dtype=object)[heldout_idx])
+        if formats is not None else {},
     )
     return probe
+
+
+def _per_format_auroc(scores: np.ndarray, labels: np.ndarray,
+                      names: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Held-out AUROC of each format's rows (None where a format lacks a class there)."""
+    report = {}
+    for name in dict.fromkeys(names.tolist()):  # first-seen order
+        mask = names == name
+        both = 0 < int(labels[mask].sum()) < int(mask.sum())
+        report[name] = {"auroc": auroc(scores[mask], labels[mask]) if both else None,
+                        "n_heldout": int(mask.sum())}
+    return report
 
 
 # --------------------------------------------------------------------------- files
@@ -375,6 +418,7 @@ def save_probe(probe: Probe, directory: str | Path) -> Path:
         "layers": probe.layers,
         "pooling": probe.pooling,
         "activation_dtype": probe.activation_dtype,
+        "formats": probe.formats,
         "threshold": probe.threshold,
         "metrics": probe.report.to_dict() if probe.report is not None else None,
         "training": probe.training,
@@ -516,6 +560,7 @@ def load_probe(
         layers=meta["layers"], pooling=meta["pooling"],
         hidden_size=int(meta.get("hidden_size") or 0), training=dict(meta.get("training") or {}),
         activation_dtype=meta.get("activation_dtype"),
+        formats=meta.get("formats") or [PLAIN_FORMAT.to_dict()],
     )
 
 
@@ -585,6 +630,11 @@ def _plain_prompts(path: Path) -> list[tuple[int, str]] | None:
     return None
 
 
+def normalized_prompt(text: str) -> str:
+    """A prompt's text for matching against an exclusion list: case and spacing ignored."""
+    return " ".join(text.casefold().split())
+
+
 def fit_probe_from_files(
     extractor: Any,
     harmful_path: str | Path,
@@ -592,26 +642,48 @@ def fit_probe_from_files(
     kind: str = "logreg",
     *,
     max_prompts_per_file: int | None = None,
+    formats: Sequence[PromptFormat] = (PLAIN_FORMAT,),
+    exclude_path: str | Path | None = None,
     **fit_kwargs: Any,
 ) -> Probe:
     """Fit a probe on the activations of labelled prompt files (harmful = 1, benign = 0).
 
-    `extractor` is a `TransformersActivationExtractor` or `VLLMActivationExtractor`; its
-    model fingerprint, layers and pooling are stored with the probe. `fit_kwargs` go to
-    `fit_probe`.
+    Each prompt is rendered once per format in `formats` (plain chat by default); the
+    held-out split keeps a prompt's renderings together. Prompts whose text is in the
+    prompt file `exclude_path` (an evaluation set, say) are dropped first, before
+    `max_prompts_per_file`. `extractor` is a `TransformersActivationExtractor` or
+    `VLLMActivationExtractor`; its model fingerprint, layers and pooling are stored with the
+    probe. `fit_kwargs` go to `fit_probe`.
     """
-    prompts, labels = [], []
+    if not formats:
+        raise ProbeError("formats: at least one prompt format is needed")
+    excluded = ({normalized_prompt(m[-1]["content"]) for _, m in load_prompt_file(exclude_path)}
+                if exclude_path else set())
+    prompts, labels, groups, names = [], [], [], []
+    n_excluded = n_prompts = 0
     for path, label in ((harmful_path, 1), (benign_path, 0)):
-        rows = load_prompt_file(path)[:max_prompts_per_file]
-        prompts += [extractor.prompt_ids(messages, source=where) for where, messages in rows]
-        labels += [label] * len(rows)
+        rows = load_prompt_file(path)
+        kept = [r for r in rows if normalized_prompt(r[1][-1]["content"]) not in excluded]
+        n_excluded += len(rows) - len(kept)
+        for where, messages in kept[:max_prompts_per_file]:
+            group, n_prompts = n_prompts, n_prompts + 1
+            for fmt in formats:
+                prompts.append(extractor.prompt_ids(fmt.render(messages, source=where),
+                                                    source=where))
+                labels.append(label)
+                groups.append(group)
+                names.append(fmt.name)
     features = extractor.extract(prompts)
     layers = "all" if extractor.spec.averages_layers else extractor.layers
     probe = fit_probe(
         features, np.array(labels), kind, model=extractor.fingerprint, layers=layers,
-        pooling=extractor.spec.pooling, **fit_kwargs,
+        pooling=extractor.spec.pooling, groups=np.array(groups),
+        formats=names if len(formats) > 1 else None, **fit_kwargs,
     )
     probe.activation_dtype = getattr(extractor, "dtype", None)
+    probe.formats = [fmt.to_dict() for fmt in formats]
+    probe.training.update(n_prompts=n_prompts, n_excluded=n_excluded,
+                          exclude=str(exclude_path) if exclude_path else None)
     return probe
 
 

@@ -32,7 +32,14 @@ from safekeel.annotate.probe import (
     probe_scores,
     save_probe,
 )
+from safekeel.annotate.probe_formats import (
+    PROMPT_SLOT,
+    FormatError,
+    PromptFormat,
+    prompt_formats,
+)
 from safekeel.data.config import ConfigError, option, save_resolved
+from safekeel.data.corpus import CorpusConfig
 from safekeel.data.files import file_sha256
 from safekeel.data.risk_columns import PROBE_COLUMN
 
@@ -79,7 +86,24 @@ class ProbeFitConfig:
     target_recall: float = option(0.9, help="The threshold is the highest reaching this "
                                   "recall on the held-out split.")
     max_prompts_per_file: int | None = option(None, help="Use at most this many prompts of "
-                                              "each file.")
+                                              "each file (after `exclude`).")
+    exclude: str = option("", help="A prompt file (same formats) whose prompts are dropped "
+                          "from `harmful` and `benign` before fitting, matched ignoring case "
+                          "and spacing: e.g. an evaluation set such as AdvBench, so its "
+                          "prompts stay unseen.")
+    formats: list[str] = option([], help="Format augmentation: extra templates, each holding "
+                                "{prompt} once, that wrap the user's text (e.g. an Alpaca "
+                                "template). Every prompt is fitted once as plain chat and once "
+                                "per format; the report gives the held-out AUROC of each.")
+    format_corpus: CorpusConfig = option(CorpusConfig, help="The corpus the probe will "
+                                         "annotate (set format_corpus.path): the wrapper its "
+                                         "user turns share (longest common prefix and suffix "
+                                         "over its first format_sample_rows rows, read as "
+                                         "annotate reads them) becomes one more format. Only "
+                                         "that wrapper text is used: the corpus's rows are "
+                                         "never training data of the probe.")
+    format_sample_rows: int = option(1000, help="Rows of format_corpus the wrapper is "
+                                     "derived from.")
     batch_size: int = option(16, help="Prompts per forward pass.")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "float32", help="The policy's dtype while its activations are read; annotate reads "
@@ -99,6 +123,22 @@ class ProbeFitConfig:
             raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.target_recall <= 1:
             raise ConfigError(f"target_recall: must be in (0, 1], got {self.target_recall}")
+        if self.format_sample_rows < 2:
+            raise ConfigError(f"format_sample_rows: must be at least 2, got "
+                              f"{self.format_sample_rows}")
+        for i, template in enumerate(self.formats):
+            if template.count(PROMPT_SLOT) != 1:
+                raise ConfigError(f"formats[{i}]: must hold {PROMPT_SLOT} exactly once, got "
+                                  f"{template!r}")
+
+    def prompt_formats(self) -> list[PromptFormat]:
+        """Plain chat, the explicit templates, and the format corpus's wrapper if it has one."""
+        try:
+            return prompt_formats(self.formats,
+                                  self.format_corpus if self.format_corpus.path else None,
+                                  self.format_sample_rows)
+        except FormatError as error:
+            raise ConfigError(str(error)) from None
 
     def spec(self) -> ActivationSpec:
         return ActivationSpec(layers="all" if self.all_layers else tuple(self.layers),
@@ -155,11 +195,13 @@ def apply_extractor(cfg: ProbeApplyConfig, policy: str, spec: ActivationSpec, *,
 def fit(cfg: ProbeFitConfig) -> dict[str, Any]:
     """The `probe` verb: fit on labelled prompt files, save, print and return the report."""
     out = Path(cfg.output_dir)
+    formats = cfg.prompt_formats()  # before the model loads: a bad corpus fails fast
     extractor = _extractor(cfg.policy, cfg.spec(), cfg.batch_size, cfg.trust_remote_code,
                            cfg.dtype)
     probe = fit_probe_from_files(
         extractor, cfg.harmful, cfg.benign, cfg.kind,
-        max_prompts_per_file=cfg.max_prompts_per_file, l2=cfg.l2,
+        max_prompts_per_file=cfg.max_prompts_per_file, formats=formats,
+        exclude_path=cfg.exclude or None, l2=cfg.l2,
         val_fraction=cfg.val_fraction, target_recall=cfg.target_recall, seed=cfg.seed,
     )
     save_probe(probe, out)
@@ -170,6 +212,14 @@ def fit(cfg: ProbeFitConfig) -> dict[str, Any]:
           f"prompts: AUROC {report['auroc']:.4f}, accuracy {report['accuracy']:.3f}, "
           f"precision {report['precision']:.3f}, recall {report['recall']:.3f} at threshold "
           f"{report['threshold']:.3f} -> {out}")
+    if probe.training.get("n_excluded"):
+        print(f"  {probe.training['n_excluded']} prompt(s) found in {cfg.exclude} left out")
+    for fmt in formats:
+        per = report["per_format"].get(fmt.name)
+        if per is not None:
+            value = "n/a" if per["auroc"] is None else f"{per['auroc']:.4f}"
+            print(f"  format {fmt.name}: held-out AUROC {value} over {per['n_heldout']} "
+                  f"renderings; template {fmt.template!r}")
     return report
 
 

@@ -185,6 +185,7 @@ def annotate_on_ray(cfg: AnnotateConfig):
         refuse_another_corpus,
         run_provenance,
         score_summary,
+        warn_degenerate,
     )
     from safekeel.data.models import load_tokenizer
 
@@ -225,7 +226,8 @@ def annotate_on_ray(cfg: AnnotateConfig):
             ray.shutdown()
 
     result.tokenization_issues = writer.issues
-    result.scores = score_summary(out, columns)
+    result.scores = score_summary(out, columns, cfg)
+    warn_degenerate(result.scores)
     result.seconds = time.perf_counter() - started
     record_run(out / "report.worker-0-of-1.json", result)
     return result

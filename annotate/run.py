@@ -14,6 +14,8 @@ import itertools
 import json
 import logging
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +28,7 @@ from safekeel.annotate.config import AnnotateConfig
 from safekeel.data.config import config_hash, save_resolved
 from safekeel.data.corpus import (
     LoadReport,
+    check_labels,
     corpus_fingerprint,
     count_rows,
     iter_examples,
@@ -152,12 +155,15 @@ def scoring_config_hash(cfg: AnnotateConfig) -> str:
     )
     for engine_only in ("engine", "ray"):  # left out: hashes from before they existed hold
         values.pop(engine_only)
+    for report_only in ("label_column", "label_positive", "label_negative"):
+        values["corpus"].pop(report_only)  # the report reads them; the scores do not
     return config_hash(values)
 
 
 @guards_output_dir
 def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     """Annotate this worker's part of the corpus; resumable; returns what it did."""
+    check_labels(cfg.corpus)  # before any model loads: a bad label stops the run at once
     if cfg.engine == "ray":
         from safekeel.annotate.ray_engine import annotate_on_ray
 
@@ -223,7 +229,8 @@ def annotate(cfg: AnnotateConfig) -> AnnotateResult:
     if cfg.num_workers > 1 and _all_workers_done(out, cfg.num_workers):
         merge_manifests(out, write=True)
     result.tokenization_issues = issues
-    result.scores = score_summary(out, {c for a in annotators for c in a.columns})
+    result.scores = score_summary(out, {c for a in annotators for c in a.columns}, cfg)
+    warn_degenerate(result.scores)
     result.seconds = time.perf_counter() - started
     record_run(out / f"report.worker-{cfg.worker_index}-of-{cfg.num_workers}.json", result)
     return result
@@ -322,41 +329,130 @@ def _all_workers_done(out: Path, num_workers: int) -> bool:
 
 
 HISTOGRAM_BINS = 10
+QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+# A scorer is degenerate on a corpus of at least this many rows when it flags none or all
+# of them, or its scores span less than NEAR_CONSTANT: a risk-weighted training run then
+# sees one constant weight (adaptive silently becomes constant KL).
+DEGENERATE_MIN_ROWS = 100
+NEAR_CONSTANT = 0.01
+CRITIC_THRESHOLD = 0.5  # P(unsafe) >= 0.5: the guard's own decision (evaluate's default)
 
 
-def score_summary(out: Path, columns: set[str]) -> dict[str, dict[str, Any]]:
-    """Mean and a 10-bin histogram on [0, 1] of every risk score in the finished shards.
+class DegenerateScoresWarning(UserWarning):
+    """A risk scorer that tells the rows of this corpus apart hardly or not at all."""
 
-    Scanned lazily with polars, so it costs a pass over the score columns only. Segment
-    columns (STAR) are summarised over all their segment values; columns that are not scores
-    on [0, 1] (STAR's token ends) are left out.
+
+def score_thresholds(cfg: AnnotateConfig) -> dict[str, float]:
+    """Each risk column's decision threshold on its row risk: the critic's 0.5, the probe's
+    own (probe.json), STAR's 0.5 on 1 - min P(safe)."""
+    from safekeel.data.risk_columns import CRITIC_COLUMN, PROBE_COLUMN, STAR_VALUES_COLUMN
+
+    thresholds = {CRITIC_COLUMN: CRITIC_THRESHOLD, STAR_VALUES_COLUMN: 0.5}
+    if cfg.probe.enabled:
+        meta = json.loads((Path(cfg.probe.path) / "probe.json").read_text())
+        thresholds[PROBE_COLUMN] = float(meta["threshold"])
+    return thresholds
+
+
+def score_summary(out: Path, columns: set[str], cfg: AnnotateConfig | None = None,
+                  ) -> dict[str, dict[str, Any]]:
+    """The distribution of every risk score in the finished shards, and its AUROC against
+    the corpus's label column when `cfg.corpus.label_column` is set.
+
+    Per score column: count, mean and a 10-bin histogram on [0, 1] of all its values
+    (segment columns: over every segment value), then over rows (the row risk: the value
+    itself, or 1 - min P(safe) of a STAR row): quantiles, the threshold and the share of
+    rows at or above it, `degenerate` (why the scores cannot tell rows apart, or None) and
+    `auroc_vs_label`. Scanned lazily with polars, so it costs a pass over these columns.
+    Columns that are not scores on [0, 1] (STAR's token ends) are left out.
     """
     import polars as pl
+
+    from safekeel.data.corpus import label_is_positive
 
     files = sorted(out.glob("shard-*.parquet"))
     if not columns or not files:
         return {}
     frame = pl.scan_parquet(files)
+    thresholds = score_thresholds(cfg) if cfg is not None else {}
+    label_column = cfg.corpus.label_column if cfg is not None else None
+    labels = None
+    if label_column:
+        raw = frame.select(pl.col(label_column)).collect()[label_column].to_list()
+        labels = pl.Series([label_is_positive(v, cfg.corpus) for v in raw])
     summary = {}
     for column in sorted(columns):
         spec = risk_column(column)
         if (spec.low, spec.high) != (0, 1):
             continue
-        values = frame.select(pl.col(column))
-        if spec.granularity == "segment":
-            values = values.explode(column)
-        series = values.collect()[column].drop_nulls()
+        per_row = frame.select(pl.col(column)).collect()[column]
+        series = per_row.explode() if spec.granularity == "segment" else per_row
+        series = series.drop_nulls()
         bins = (series * HISTOGRAM_BINS).floor().clip(0, HISTOGRAM_BINS - 1).cast(pl.Int64)
         counts = [0] * HISTOGRAM_BINS
         for b, n in bins.value_counts().iter_rows():
             counts[b] = n
-        summary[column] = {
+        entry: dict[str, Any] = {
             "count": series.len(),
             "mean": round(float(series.mean()), 6) if series.len() else None,
             "histogram": {"bin_edges": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)],
                           "counts": counts},
         }
+        # STAR: a row is as risky as its least safe prefix
+        risk = (1 - per_row.list.min()) if spec.granularity == "segment" else per_row
+        entry.update(_row_risk_stats(risk, thresholds.get(column), labels))
+        entry["row_risk"] = ("1 - min star_v_safe over the row's segments"
+                             if spec.granularity == "segment" else column)
+        summary[column] = entry
+    if labels is not None:
+        values = Counter(str(v) for v in raw)
+        summary["label"] = {"column": label_column, "positive": int(labels.sum()),
+                            "negative": int((~labels).sum()), "values": dict(values)}
     return summary
+
+
+def _row_risk_stats(risk, threshold: float | None, labels) -> dict[str, Any]:
+    """Quantiles, share at or above the threshold, degeneracy and AUROC of one row risk."""
+    from safekeel.data.auroc import auroc
+
+    known = risk.is_not_null()
+    values = risk.filter(known)
+    stats: dict[str, Any] = {"rows": values.len()}
+    if not values.len():
+        return stats | {"degenerate": "no scores"}
+    stats["quantiles"] = {f"q{round(q * 100):02d}": round(float(values.quantile(q)), 6)
+                          for q in QUANTILES}
+    stats["min"], stats["max"] = round(float(values.min()), 6), round(float(values.max()), 6)
+    stats["threshold"] = threshold
+    share = float((values >= threshold).mean()) if threshold is not None else None
+    stats["share_at_or_above_threshold"] = None if share is None else round(share, 6)
+    reason = None
+    if values.len() >= DEGENERATE_MIN_ROWS:
+        if stats["max"] - stats["min"] < NEAR_CONSTANT:
+            reason = (f"near-constant: every row scores in [{stats['min']:.4f}, "
+                      f"{stats['max']:.4f}]")
+        elif share == 0.0:
+            reason = f"no row of {values.len()} at or above its threshold {threshold:.3g}"
+        elif share == 1.0:
+            reason = f"every row of {values.len()} at or above its threshold {threshold:.3g}"
+    stats["degenerate"] = reason
+    if labels is not None:
+        y = labels.filter(known)
+        both = 0 < int(y.sum()) < y.len()
+        stats["auroc_vs_label"] = (round(auroc(values.to_numpy(), y.to_numpy()), 6)
+                                   if both else None)
+    return stats
+
+
+def warn_degenerate(summary: dict[str, dict[str, Any]]) -> None:
+    """One loud line per degenerate scorer (on the terminal: the console prints the
+    project's own warnings there as well as into the log)."""
+    for column, stats in summary.items():
+        if stats.get("degenerate"):
+            warnings.warn(f"{column} is degenerate on this corpus: {stats['degenerate']}; a "
+                          "risk-weighted training run reading it sees one constant weight "
+                          "(check the scorer: a probe fitted on another prompt format, a "
+                          "guard in the wrong template)", DegenerateScoresWarning, stacklevel=2)
 
 
 def _histogram_bar(counts: list[int]) -> str:
@@ -375,6 +471,18 @@ def _summary(result: AnnotateResult) -> str:
         f"{d['seconds']} s ({d['rows_per_second']} rows/s) -> {d['output_dir']}"
     )]
     for column, stats in d["scores"].items():
-        lines.append(f"  {column:16s} mean {stats['mean']:.3f} over {stats['count']} values, "
-                     f"histogram 0..1 [{_histogram_bar(stats['histogram']['counts'])}]")
+        if column == "label":
+            lines.append(f"  label {stats['column']!r}: {stats['positive']} positive, "
+                         f"{stats['negative']} negative")
+            continue
+        line = (f"  {column:16s} mean {stats['mean']:.3f} over {stats['count']} values, "
+                f"histogram 0..1 [{_histogram_bar(stats['histogram']['counts'])}]")
+        if stats.get("share_at_or_above_threshold") is not None:
+            line += (f", {stats['share_at_or_above_threshold']:.1%} of rows >= "
+                     f"{stats['threshold']:.3g}")
+        if stats.get("auroc_vs_label") is not None:
+            line += f", AUROC vs label {stats['auroc_vs_label']:.3f}"
+        if stats.get("degenerate"):
+            line += "  DEGENERATE"
+        lines.append(line)
     return "\n".join(lines)

@@ -102,7 +102,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
     if origin is Literal:
         allowed = get_args(tp)
-        if value in allowed:
+        if isinstance(value, str) and any(isinstance(a, bool) for a in allowed):
+            # a choice such as Literal["auto", True, False]: command-line text "true"/"false"
+            value = {"true": True, "false": False}.get(value.lower(), value)
+        # by type as well as value: 1 == True, but 1 is not an allowed True
+        if any(type(value) is type(a) and value == a for a in allowed):
             return value
         raise ConfigError(
             f"{key}: {value!r} is not allowed; allowed values: "

@@ -44,6 +44,8 @@ Shape = Literal[
     "auto", "messages", "sharegpt", "prompt_response", "instruction", "goal_target", "columns"
 ]
 ROLES = ("system", "user", "assistant")
+# label_column values that mean harmful unless label_positive says otherwise
+DEFAULT_POSITIVE_LABELS = ("unsafe", "harmful", "1", "true", "yes", "positive")
 
 
 @dataclass
@@ -70,8 +72,25 @@ class CorpusConfig:
                                                   "row, naming file, row and field; skip: drop "
                                                   "it and count it by reason in the report.")
     max_rows: int | None = option(None, help="Read at most this many rows (for quick runs).")
+    label_column: str | None = option(None, help="A column holding each row's known class "
+                                      "(e.g. `flag` in the NLSR mixes): annotate's report then "
+                                      "gives every risk score's AUROC against it. Checked "
+                                      "before scoring; a bad value stops the run naming file, "
+                                      "row and field.")
+    label_positive: list[str] = option([], help="Values of label_column that mean harmful "
+                                       "(compared ignoring case); default: "
+                                       + "/".join(DEFAULT_POSITIVE_LABELS) + ".")
+    label_negative: list[str] = option([], help="Values that mean benign; default: every "
+                                       "other text value (and 0/false). When given, a value in "
+                                       "neither list is an error.")
 
     def validate(self) -> None:
+        if (self.label_positive or self.label_negative) and not self.label_column:
+            raise ConfigError("label_positive / label_negative: set label_column too")
+        both = {v.casefold() for v in self.label_positive} & {
+            v.casefold() for v in self.label_negative}
+        if both:
+            raise ConfigError(f"label_positive and label_negative: {min(both)!r} is in both")
         if self.shape == "columns":
             missing = {"prompt"} - set(self.columns)
             if missing or (self.require_response and "response" not in self.columns):
@@ -692,6 +711,56 @@ def _example_id(
         repeat += 1
         candidate = f"{base}-{repeat}"
     return candidate
+
+
+def label_is_positive(value: Any, cfg: CorpusConfig) -> bool:
+    """Whether a label_column value means harmful; ValueError saying why a value is no label.
+
+    Booleans and the numbers 0/1 read as false/true; text is compared ignoring case and
+    surrounding spaces. Missing, empty, other numbers and nested values are errors.
+    """
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value not in (0, 1):
+            raise ValueError(f"not a label: the number {value!r} (numbers must be 0 or 1)")
+        text = str(int(value))
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().casefold()
+    elif value is None:
+        raise ValueError("missing: the label is absent or null")
+    else:
+        raise ValueError(f"not a label: {type(value).__name__} {value!r} (expected text, "
+                         "true/false or 0/1)")
+    positive = {v.casefold() for v in cfg.label_positive} or set(DEFAULT_POSITIVE_LABELS)
+    if text in positive:
+        return True
+    if cfg.label_negative:
+        if text in {v.casefold() for v in cfg.label_negative}:
+            return False
+        raise ValueError(f"not a label: {value!r} is in neither label_positive "
+                         f"{sorted(positive)} nor label_negative {sorted(cfg.label_negative)}")
+    return False
+
+
+def check_labels(cfg: CorpusConfig) -> None:
+    """With label_column set, read every row's label once (before any scoring, so a bad one
+    stops the run at once); CorpusError names file, row and field. Rows stay as they are."""
+    if not cfg.label_column:
+        return
+    total = 0
+    for source in resolve_sources(cfg):
+        for row_index, row in enumerate(_stream_source(source, cfg)):
+            if cfg.max_rows is not None and total >= cfg.max_rows:
+                return
+            total += 1
+            if not isinstance(row, dict):
+                continue  # the reader reports it
+            try:
+                label_is_positive(row.get(cfg.label_column), cfg)
+            except ValueError as err:
+                raise CorpusError(source.name, str(err), row=row_index,
+                                  field=cfg.label_column) from None
 
 
 def load_examples(cfg: CorpusConfig, report: LoadReport | None = None) -> list[dict[str, Any]]:

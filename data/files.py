@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, payload: Any, *, indent: int = 2) -> Path:
     """`payload` as indented JSON with a final newline, written atomically."""
     return atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def build_directory_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`build(staging)` into a hidden folder beside `target`, then rename it into place, so
+    `target` either does not exist or is whole. Concurrent builders race harmlessly: the
+    first rename wins and the others keep its copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a plain mkdir (not mkdtemp, which is private to the user) keeps the umask's permissions
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -10,6 +10,9 @@ Names are resolved by `resolve_model_path`:
   about half a minute, later uses load the cached checkpoint directly.
 * an existing local directory: used as is.
 * a hub id of the form `owner/name`: passed to `from_pretrained` unchanged.
+* a LoRA adapter directory (`adapter_config.json`, possibly on another adapter): the
+  adapter chain merged into its base, cached under `$SAFEKEEL_CACHE/merged`
+  (`safekeel.data.adapters`). `locate_model` finds a name without merging.
 
 Remote code is never run unless the caller passes `trust_remote_code=True`.
 """
@@ -22,9 +25,7 @@ import io
 import logging
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from safekeel.data.files import build_directory_once
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +70,31 @@ class MissingPackageError(ImportError):
     """An optional package needed for a model is not installed."""
 
 
+def cache_root() -> Path:
+    """`$SAFEKEEL_CACHE`, default `~/.cache/safekeel`."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or "~/.cache/safekeel").expanduser()
+
+
 def model_cache_dir() -> Path:
-    """Where converted checkpoints live: `$SAFEKEEL_CACHE/models`, default `~/.cache/safekeel`."""
-    root = os.environ.get(CACHE_ENV_VAR) or "~/.cache/safekeel"
-    return Path(root).expanduser() / "models"
+    """Where converted checkpoints live: `$SAFEKEEL_CACHE/models`."""
+    return cache_root() / "models"
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> str:
-    """Turn a model name into something `from_pretrained` loads: a directory or a hub id.
+    """Turn a model name into something `from_pretrained` and vLLM load: a full checkpoint
+    directory or a hub id. A LoRA adapter directory gives its merged checkpoint (see
+    `safekeel.data.adapters`); everything else is `locate_model`'s answer."""
+    located = locate_model(name)
+    from safekeel.data.adapters import is_adapter_dir, merged_checkpoint
+
+    if Path(located).is_dir() and is_adapter_dir(located):
+        return str(merged_checkpoint(located))
+    return located
+
+
+def locate_model(name: str | os.PathLike[str]) -> str:
+    """Find a model name without loading it: the alias's cached checkpoint, an existing
+    directory (a LoRA adapter's too, unmerged), or a hub id.
 
     The alias `smollm2-135m-instruct` (exactly so: a local clone named
     `SmolLM2-135M-Instruct` stays a directory) maps to the cached SmolLM2 checkpoint,
@@ -119,8 +139,10 @@ def load_causal_lm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode; `dtype="auto"` keeps the checkpoint's own dtype.
+    """Load a causal LM in eval mode; `dtype="auto"` keeps the checkpoint's own dtype;
+    `attn_implementation` None keeps transformers' default kernel.
 
     A loader, not a policy: a user's `auto` setting (the guard's, generation's, the probe's)
     is resolved by `safekeel.data.precision.resolve_dtype` before it gets here.
@@ -129,12 +151,24 @@ def load_causal_lm(
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
     _check_revision(name_or_path, revision)
     resolved = resolve_model_path(name_or_path)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(
-        resolved, dtype=_DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code
+        resolved, dtype=_DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code,
+        **extra,
     )
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def attention_kernel(choice: str, device_type: str) -> str | None:
+    """The attention kernel for `choice` ("auto" or a transformers name) on a device type;
+    None: transformers' default. auto is eager on CPU, where PyTorch's flash-attention
+    backward is slow (measured on SmolLM2: benchmarks/README.md), and the default elsewhere.
+    Training and the precomputed reference both use it, so their log-probs match exactly."""
+    if choice != "auto":
+        return choice
+    return "eager" if device_type == "cpu" else None
 
 
 def _check_revision(name: str | os.PathLike[str], revision: str | None) -> None:
@@ -187,22 +221,13 @@ def ensure_smollm2_checkpoint() -> Path:
             "reading the SmolLM2 GGUF file needs the package gguf, which is not installed: "
             f"{SMOLLM2_INSTALL_HINT}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Converting %s to an HF checkpoint in %s (once)", gguf_path.name, target)
-    # A plain mkdir (not mkdtemp, which is private to the user) keeps the umask's permissions.
-    staging = target.parent / f".{SMOLLM2_DIRNAME}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+
+    def convert(staging: Path) -> None:
         with _hide_progress_bars():
             convert_gguf_checkpoint(gguf_path, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished the same conversion first: keep its copy.
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_directory_once(target, convert)
     _check_complete_checkpoint(target)
     return target
 

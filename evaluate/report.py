@@ -151,7 +151,7 @@ class CheckpointResult:
     name: str
     provenance: dict[str, Any]
     harmful: list[HarmfulResult] = field(default_factory=list)
-    over_refusal: OverRefusalResult | None = None
+    over_refusal: list[OverRefusalResult] = field(default_factory=list)  # one per benign set
     tasks: list[TaskResult] = field(default_factory=list)
     training_log: str | None = None
 
@@ -159,7 +159,8 @@ class CheckpointResult:
         """(value, interval or None, label) for the ASR-utility plot.
 
         Mean accuracy of the right/wrong tasks; else the mean of graded task scores in
-        [0, 1]; else 1 - over-refusal; None when nothing measures utility.
+        [0, 1]; else 1 - over-refusal (the first benign set); None when nothing measures
+        utility.
         """
         accuracies = [task.accuracy for task in self.tasks if task.accuracy is not None
                       and not math.isnan(task.accuracy.rate)]
@@ -170,11 +171,12 @@ class CheckpointResult:
             label = f"task accuracy ({names})" if len(accuracies) == 1 else (
                 f"mean task accuracy ({names})")
             return value, interval, label
-        if self.over_refusal is not None and not math.isnan(self.over_refusal.rate.rate):
-            rate = self.over_refusal.rate
+        benign = next((o for o in self.over_refusal if not math.isnan(o.rate.rate)), None)
+        if benign is not None:
+            rate = benign.rate
             flipped = RateEstimate.from_counts(rate.n - rate.successes, rate.n,
                                                confidence=rate.confidence)
-            return flipped.rate, flipped, f"1 - over-refusal ({self.over_refusal.set_name})"
+            return flipped.rate, flipped, f"1 - over-refusal ({benign.set_name})"
         return None
 
     def metrics(self) -> dict[str, float | None]:
@@ -185,9 +187,8 @@ class CheckpointResult:
                 flat[f"eval/asr/{harmful.set_name}/{name}"] = _json_number(judge.asr.overall.rate)
                 if judge.mean_p_unsafe is not None:
                     flat[f"eval/mean_p_unsafe/{harmful.set_name}"] = judge.mean_p_unsafe
-        if self.over_refusal is not None:
-            flat[f"eval/over_refusal/{self.over_refusal.set_name}"] = _json_number(
-                self.over_refusal.rate.rate)
+        for benign in self.over_refusal:
+            flat[f"eval/over_refusal/{benign.set_name}"] = _json_number(benign.rate.rate)
         for task in self.tasks:
             flat[f"eval/task/{task.name}"] = _json_number(task.value)
         utility = self.utility()
@@ -201,7 +202,7 @@ class CheckpointResult:
             "metrics": self.metrics(),
             "provenance": self.provenance,
             "harmful": [result.to_dict() for result in self.harmful],
-            "over_refusal": self.over_refusal.to_dict() if self.over_refusal else None,
+            "over_refusal": [benign.to_dict() for benign in self.over_refusal],
             "tasks": [task.to_dict() for task in self.tasks],
             "utility": None if utility is None else {"value": utility[0], "label": utility[2]},
             "training_log": self.training_log,
@@ -292,9 +293,9 @@ def markdown_report(
         lines += ["## Over-refusal on benign prompts (keyword judge)", "",
                   "| checkpoint | set | over-refusal |", "| --- | --- | --- |"]
         for result in results:
-            if result.over_refusal:
-                lines.append(f"| {_cell(result.name)} | {_cell(result.over_refusal.set_name)} | "
-                             f"{format_rate(result.over_refusal.rate)} |")
+            for benign in result.over_refusal:
+                lines.append(f"| {_cell(result.name)} | {_cell(benign.set_name)} | "
+                             f"{format_rate(benign.rate)} |")
         lines.append("")
     task_names = list(dict.fromkeys(task.name for r in results for task in r.tasks))
     if task_names:

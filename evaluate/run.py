@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from safekeel.data.config import config_hash, save_resolved, to_dict, validate
+from safekeel.data.engines import EngineWork
 from safekeel.data.guard.settings import GuardSettings
 from safekeel.data.models import SMOLLM2_ALIAS
 from safekeel.data.output_dir import guards_output_dir, prepare_output_dir
@@ -187,12 +188,14 @@ def _verdict(score: Any) -> CriticVerdict:
 CriticFactory = Callable[[GuardSettings], CriticJudge]
 
 
-def critic_judge(settings: GuardSettings) -> CriticJudge:
+def critic_judge(settings: GuardSettings, *,
+                 conversations: Sequence[list[Message]] | None = None) -> CriticJudge:
     """The Safety Critic judge for `settings`, served by stage one's critic code unchanged
-    (same dtype, backend, context and engine policy as annotate's critic)."""
+    (same dtype, backend, context and engine policy as annotate's critic); `conversations`,
+    the rows it will judge, decide its engine's `enforce_eager: auto`."""
     from safekeel.data.guard.critic import make_critic
 
-    critic = make_critic(settings)
+    critic = make_critic(settings, work_conversations=conversations)
     return CriticJudge(lambda conversations: critic.score(conversations).p_unsafe.tolist(),
                        settings.threshold, batch_size=settings.batch_size, close=critic.close,
                        description={"model": settings.model, **critic.provenance()})
@@ -234,7 +237,7 @@ class EvaluationPlan:
     """Everything loaded and checked before any model runs."""
 
     harmful: list[PromptSet]
-    benign: PromptSet | None
+    benign: list[PromptSet]
     tasks: list[PreparedTask]
     checkpoints: list[Checkpoint]
     keywords: tuple[str, ...]
@@ -242,8 +245,7 @@ class EvaluationPlan:
     def generated_sets(self) -> list[tuple[PromptSet, int | None]]:
         """(set, its max_new_tokens override) for every set that needs responses."""
         sets: list[tuple[PromptSet, int | None]] = [(s, None) for s in self.harmful]
-        if self.benign is not None:
-            sets.append((self.benign, None))
+        sets += [(s, None) for s in self.benign]
         sets += [(t.prompts, t.config.max_new_tokens) for t in self.tasks if t.needs_generation]
         return sets
 
@@ -256,16 +258,15 @@ def plan_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
     harmful_configs = [c for c in [cfg.harmful_prompts, *cfg.extra_harmful_prompts]
                        if c.is_configured]
     harmful = [load_prompt_set(c, "harmful") for c in harmful_configs]
-    benign = (load_prompt_set(cfg.benign_prompts, "benign")
-              if cfg.benign_prompts.is_configured else None)
+    benign = [load_prompt_set(c, "benign") for c in [cfg.benign_prompts, *cfg.extra_benign_prompts]
+              if c.is_configured]
     tasks = [_prepare_task(task) for task in cfg.tasks]
-    if not harmful and benign is None and not tasks:
+    if not harmful and not benign and not tasks:
         raise EvaluateError(
             "nothing to evaluate: configure harmful_prompts (a path or a preset), "
             "benign_prompts or tasks"
         )
-    names = [s.name for s in harmful] + ([benign.name] if benign else []) + [
-        t.prompts.name for t in tasks]
+    names = [s.name for s in [*harmful, *benign]] + [t.prompts.name for t in tasks]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise EvaluateError(f"set and task names must differ; repeated: {repeated} (set `name`)")
@@ -389,43 +390,50 @@ def generate_checkpoint(
     if not missing:
         return results
 
-    with loadable_model(checkpoint, out_dir,
-                        trust_remote_code=settings.trust_remote_code) as model_path:
-        generator_settings = replace(settings, dtype=dtype)
-        try:
-            generator = make_generator(
-                model_path, generator_settings, engine_factory=engine_factory,
-                needed_tokens=None if backend != "vllm" or settings.max_model_len
-                else needed_context(model_path, missing, settings))
-        except Exception as error:  # a model that does not load: say which and why
-            raise CheckpointError(
-                f"checkpoint {checkpoint.spec!r} ({model_path}) cannot be loaded by the "
-                f"{backend} backend: {type(error).__name__}: {error}"
-            ) from error
-        try:
-            for prompt_set, tokens, key, fields, path in missing:
-                print(f"generating: {checkpoint.name} / {prompt_set.name} "
-                      f"({len(prompt_set)} prompts, {backend})", flush=True)
-                generations = generate_for_set(generator, prompt_set, tokens)
-                generations.key, generations.key_fields = key, fields
-                write_generations(path, generations, key=key, key_fields=fields, about={
-                    "checkpoint": checkpoint.provenance, "set": prompt_set.name,
-                    "set_source": prompt_set.source, "attack": prompt_set.attack})
-                results[prompt_set.name] = generations
-        finally:
-            generator.close()
+    model_path = loadable_model(checkpoint)
+    generator_settings = replace(settings, dtype=dtype)
+    needed, work = (generation_work(model_path, missing, settings) if backend == "vllm"
+                    else (None, None))
+    try:
+        generator = make_generator(
+            model_path, generator_settings, engine_factory=engine_factory,
+            needed_tokens=None if settings.max_model_len else needed, work=work)
+    except Exception as error:  # a model that does not load: say which and why
+        raise CheckpointError(
+            f"checkpoint {checkpoint.spec!r} ({model_path}) cannot be loaded by the "
+            f"{backend} backend: {type(error).__name__}: {error}"
+        ) from error
+    try:
+        for prompt_set, tokens, key, fields, path in missing:
+            print(f"generating: {checkpoint.name} / {prompt_set.name} "
+                  f"({len(prompt_set)} prompts, {backend})", flush=True)
+            generations = generate_for_set(generator, prompt_set, tokens)
+            generations.key, generations.key_fields = key, fields
+            write_generations(path, generations, key=key, key_fields=fields, about={
+                "checkpoint": checkpoint.provenance, "set": prompt_set.name,
+                "set_source": prompt_set.source, "attack": prompt_set.attack})
+            results[prompt_set.name] = generations
+    finally:
+        generator.close()
     return results
 
 
-def needed_context(model_path: str, missing: Sequence[tuple], settings: GenerationSettings
-                   ) -> int:
-    """Longest rendered prompt plus its set's max_new_tokens: the context an engine needs."""
+def generation_work(model_path: str, missing: Sequence[tuple], settings: GenerationSettings
+                    ) -> tuple[int, EngineWork]:
+    """What an engine for the `missing` sets needs and will do: the longest rendered prompt
+    plus its set's max_new_tokens (its context), and every prompt's tokens and new tokens
+    (its work, which decides `enforce_eager: auto`)."""
     from safekeel.data.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
-    return max((len(render_prompt(tokenizer, prompt.messages)) + tokens
-                for prompt_set, tokens, *_ in missing for prompt in prompt_set.prompts),
-               default=1)
+    needed, prompts, prompt_tokens, new_tokens = 1, 0, 0, 0
+    for prompt_set, tokens, *_ in missing:
+        for prompt in prompt_set.prompts:
+            length = len(render_prompt(tokenizer, prompt.messages))
+            needed = max(needed, length + tokens)
+            prompts, prompt_tokens, new_tokens = (prompts + 1, prompt_tokens + length,
+                                                  new_tokens + tokens)
+    return needed, EngineWork(prompts, prompt_tokens, new_tokens)
 
 
 # --------------------------------------------------------------------------------- scoring
@@ -531,26 +539,25 @@ def score_loglikelihood_tasks(
     from safekeel.data.models import load_causal_lm, load_tokenizer
 
     results = []
-    with loadable_model(checkpoint, out_dir,
-                        trust_remote_code=settings.trust_remote_code) as model_path:
-        dtype = resolve_dtype(settings.dtype, "transformers")
-        try:
-            tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
-            model = load_causal_lm(model_path, dtype=dtype,  # type: ignore[arg-type]
-                                   trust_remote_code=settings.trust_remote_code)
-        except Exception as error:
-            raise CheckpointError(f"checkpoint {checkpoint.spec!r} cannot be loaded by "
-                                  f"transformers: {type(error).__name__}: {error}") from error
-        for task in tasks:
-            prompts = [prompt.messages for prompt in task.prompts.prompts]
-            references = [prompt.reference for prompt in task.prompts.prompts]
-            scores = mean_reference_loglikelihood(model, tokenizer, prompts, references,
-                                                  batch_size=settings.batch_size)
-            folder = set_folder(out_dir, checkpoint, task.prompts)
-            _write_scores(folder / SCORES_FILE, {
-                "prompt_id": [p.id for p in task.prompts.prompts], "score": scores})
-            results.append(TaskResult(task.prompts.name, LOGLIKELIHOOD, len(scores),
-                                      mean_score=sum(scores) / len(scores)))
+    model_path = loadable_model(checkpoint)
+    dtype = resolve_dtype(settings.dtype, "transformers")
+    try:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=settings.trust_remote_code)
+        model = load_causal_lm(model_path, dtype=dtype,  # type: ignore[arg-type]
+                               trust_remote_code=settings.trust_remote_code)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {checkpoint.spec!r} cannot be loaded by "
+                              f"transformers: {type(error).__name__}: {error}") from error
+    for task in tasks:
+        prompts = [prompt.messages for prompt in task.prompts.prompts]
+        references = [prompt.reference for prompt in task.prompts.prompts]
+        scores = mean_reference_loglikelihood(model, tokenizer, prompts, references,
+                                              batch_size=settings.batch_size)
+        folder = set_folder(out_dir, checkpoint, task.prompts)
+        _write_scores(folder / SCORES_FILE, {
+            "prompt_id": [p.id for p in task.prompts.prompts], "score": scores})
+        results.append(TaskResult(task.prompts.name, LOGLIKELIHOOD, len(scores),
+                                  mean_score=sum(scores) / len(scores)))
     return results
 
 
@@ -582,8 +589,6 @@ def evaluate(
     `data.engines.start_engine`).
     """
     validate(cfg)
-    if critic_factory is None and cfg.critic.enabled:
-        critic_factory = critic_judge
     out_dir = Path(cfg.output_dir)
     plan = plan_evaluation(cfg)
     prepare_output_dir(out_dir)
@@ -599,7 +604,8 @@ def evaluate(
         loglikelihood[checkpoint.name] = score_loglikelihood_tasks(
             checkpoint, [t for t in plan.tasks if not t.needs_generation], settings, out_dir)
 
-    critic_run = _run_critic(plan, generations, cfg.critic, critic_factory)
+    critic_run = (_run_critic(plan, generations, cfg.critic, critic_factory)
+                  if critic_factory is not None or cfg.critic.enabled else None)
     threshold = critic_run.threshold if critic_run else None
 
     results = []
@@ -616,9 +622,9 @@ def evaluate(
                 case_sensitive=cfg.keywords_case_sensitive, critic_verdicts=verdicts,
                 critic_threshold=threshold, confidence=cfg.confidence,
                 folder=set_folder(out_dir, checkpoint, prompt_set)))
-        if plan.benign is not None:
-            benign = by_set[plan.benign.name]
-            folder = set_folder(out_dir, checkpoint, plan.benign)
+        for benign_set in plan.benign:
+            benign = by_set[benign_set.name]
+            folder = set_folder(out_dir, checkpoint, benign_set)
             rate = over_refusal_rate(benign.responses, plan.keywords,
                                      case_sensitive=cfg.keywords_case_sensitive,
                                      confidence=cfg.confidence)
@@ -627,8 +633,8 @@ def evaluate(
             _write_scores(folder / SCORES_FILE, {
                 "prompt_id": benign.prompt_ids, "keyword_kind": kinds,
                 "refused": [kind != ResponseKind.COMPLIANCE.value for kind in kinds]})
-            result.over_refusal = OverRefusalResult(
-                plan.benign.name, rate, _generation_info(benign, folder / GENERATIONS_FILE))
+            result.over_refusal.append(OverRefusalResult(
+                benign_set.name, rate, _generation_info(benign, folder / GENERATIONS_FILE)))
         for task in plan.tasks:
             if task.needs_generation:
                 result.tasks.append(score_task(
@@ -639,7 +645,7 @@ def evaluate(
 
     files = write_report(
         results, out_dir, config=to_dict(cfg), config_hash=config_hash(cfg),
-        sets=[_set_summary(s) for s in [*plan.harmful, *([plan.benign] if plan.benign else []),
+        sets=[_set_summary(s) for s in [*plan.harmful, *plan.benign,
                                         *(t.prompts for t in plan.tasks)]],
         judges=_judges_summary(plan, cfg, critic_run),
         plots=cfg.plots,
@@ -661,23 +667,24 @@ def _run_critic(
     settings: GuardSettings,
     factory: CriticFactory | None,
 ) -> _CriticRun | None:
-    """Critic verdicts for every (checkpoint, harmful set), with one judge built once."""
-    if factory is None or not plan.harmful:
+    """Critic verdicts for every (checkpoint, harmful set), with one judge built once
+    (`factory(settings)`, default `critic_judge`, told every row it will judge)."""
+    if not plan.harmful:
         return None
-    judge = factory(settings)
+    # The request as written, not the attack wrapper: the judge rates the response to
+    # what was really asked.
+    rows = {
+        (checkpoint.name, prompt_set.name): [
+            [{"role": "user", "content": prompt.prompt},
+             {"role": "assistant", "content": response}]
+            for prompt, response in zip(
+                prompt_set.prompts, generations[checkpoint.name][prompt_set.name].responses,
+                strict=True)]
+        for checkpoint in plan.checkpoints for prompt_set in plan.harmful}
+    judge = (factory(settings) if factory is not None else critic_judge(
+        settings, conversations=[c for batch in rows.values() for c in batch]))
     try:
-        verdicts: dict[tuple[str, str], list[CriticVerdict]] = {}
-        for checkpoint in plan.checkpoints:
-            for prompt_set in plan.harmful:
-                responses = generations[checkpoint.name][prompt_set.name].responses
-                # The request as written, not the attack wrapper: the judge rates the
-                # response to what was really asked.
-                conversations = [
-                    [{"role": "user", "content": prompt.prompt},
-                     {"role": "assistant", "content": response}]
-                    for prompt, response in zip(prompt_set.prompts, responses, strict=True)
-                ]
-                verdicts[(checkpoint.name, prompt_set.name)] = judge.judge(conversations)
+        verdicts = {key: judge.judge(conversations) for key, conversations in rows.items()}
         return _CriticRun(verdicts, judge.threshold, judge.description)
     finally:
         judge.close()
@@ -724,8 +731,8 @@ def _print_summary(results: Sequence[CheckpointResult], files: ReportFiles) -> N
                 rate = judge.asr.overall
                 if rate.n:
                     parts.append(f"ASR[{harmful.set_name}, {name}] {100 * rate.rate:.1f}%")
-        if result.over_refusal and result.over_refusal.rate.n:
-            parts.append(f"over-refusal {100 * result.over_refusal.rate.rate:.1f}%")
+        parts += [f"over-refusal {benign.set_name} {100 * benign.rate.rate:.1f}%"
+                  for benign in result.over_refusal if benign.rate.n]
         for task in result.tasks:
             if task.value is not None:
                 parts.append(f"{task.name} {task.value:.3g}")

@@ -71,6 +71,30 @@ def test_run_on_the_embedded_default_is_quiet_and_resumes(tmp_path):
     assert runs[-1]["rows_written"] == 0 and runs[-1]["shards_skipped_as_finished"] == 1
 
 
+def test_a_stage_given_a_run_config_reads_its_section_with_the_runs_folders(tmp_path):
+    """`safekeel evaluate --config configs/smollm2.yaml` reruns one stage of a recipe: its
+    section's {output_dir} and {data_dir} are the run's, as `run` fills them."""
+    from safekeel.evaluate.config import EvaluateConfig
+    from safekeel.train.config import TrainConfig
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path}/run\ndata_dir: {tmp_path}/data\n"
+        "train: {policy: '{output_dir}/models/safe_reference', output_dir: '{output_dir}/t'}\n"
+        "evaluate: {harmful_prompts: {path: '{data_dir}/advbench.csv'}}\n")
+    evaluate = pipeline.load_stage_config("evaluate", EvaluateConfig, str(config), {})
+    assert evaluate.harmful_prompts.path == f"{tmp_path}/data/advbench.csv"
+    train = pipeline.load_stage_config("train", TrainConfig, str(config),
+                                       {"output_dir": str(tmp_path / "mine")})
+    assert train.policy == f"{tmp_path}/run/models/safe_reference"
+    assert train.output_dir == str(tmp_path / "mine")  # the command line still wins
+    # a stage's own file (no sections) is read as it is
+    own = tmp_path / "train.yaml"
+    own.write_text("policy: '{output_dir}/x'\n")
+    assert pipeline.load_stage_config("train", TrainConfig, str(own), {}).policy == \
+        "{output_dir}/x"
+
+
 def test_a_run_judges_with_annotates_guard_unless_evaluate_names_its_own():
     """The same guard at annotate and evaluate time: dtype, backend, eager and context are
     annotate's; only the judge's threshold comes from the evaluate section."""

@@ -60,6 +60,7 @@ from safekeel.data.engines import (
     VLLM_INSTALL_HINT,
     EngineError,
     EngineSpec,
+    EngineWork,
     engine_kwargs,
     require_vllm,
     shutdown_engine,
@@ -327,6 +328,18 @@ class _CriticBase:
         except GuardTemplateError as err:
             raise CriticError(f"{where}: {err}") from err
 
+    def work_of(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> EngineWork:
+        """The engine work of scoring `conversations`: their rendered guard prompts' tokens
+        (before any cut to the context; a row that does not render counts nothing)."""
+        tokens = 0
+        for conversation in conversations:
+            try:
+                text = self.template.render(conversation, self.settings.mode)
+            except ValueError:
+                continue  # reported when it is scored
+            tokens += len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return EngineWork(prompts=len(conversations), prompt_tokens=tokens, new_tokens=0)
+
     def _init_prompts(self, context: int) -> None:
         """Set up prompt building once the guard context (`max_model_len`) is known."""
         self.max_model_len = context
@@ -568,9 +581,10 @@ def vllm_supports_logprob_token_ids() -> bool:
     return True
 
 
-def guard_engine_spec(settings: GuardSettings, *, star: bool = False) -> EngineSpec:
+def guard_engine_spec(settings: GuardSettings, *, star: bool = False,
+                      work: EngineWork | None = None) -> EngineSpec:
     """The guard's engine, exactly as the settings say; STAR's prefix policy is the engine
-    module's (role "star")."""
+    module's (role "star"). `work` (the rows it will score) decides `enforce_eager: auto`."""
     settings.check()
     extra: dict[str, Any] = {}
     if not vllm_supports_logprob_token_ids():
@@ -581,7 +595,7 @@ def guard_engine_spec(settings: GuardSettings, *, star: bool = False) -> EngineS
         model=settings.model, role="star" if star else "guard", dtype=settings.dtype,
         revision=settings.revision, max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager,
+        enforce_eager=settings.enforce_eager, work=work,
         enable_prefix_caching=settings.enable_prefix_caching, block_size=settings.block_size,
         tensor_parallel_size=settings.tensor_parallel_size,
         data_parallel_size=settings.data_parallel_size,
@@ -602,21 +616,24 @@ class VLLMCritic(_CriticBase):
     """The default backend: one prefill per row in `vllm.LLM`, label logprobs only.
 
     `llm` may be an engine that already serves the guard (STAR and the critic can share
-    one); a critic closes only an engine it started itself.
+    one); a critic closes only an engine it started itself. `work_conversations`, when the
+    rows to score are known before the engine starts, size its `enforce_eager: auto`.
     """
 
     backend_name = "vllm"
 
     def __init__(
         self, settings: GuardSettings, *, llm: Any | None = None, tokenizer: Any | None = None,
-        star: bool = False,
+        star: bool = False, work_conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
         super().__init__(settings, tokenizer)
         vllm = require_vllm("critic backend 'vllm'")
         self._owns_engine = llm is None
         if llm is None:
             try:
-                llm = start_engine(guard_engine_spec(settings, star=star))
+                work = (None if work_conversations is None
+                        else self.work_of(work_conversations))
+                llm = start_engine(guard_engine_spec(settings, star=star, work=work))
             except EngineError as error:
                 raise CriticError(f"critic setting {error}") from None
         self.llm = llm
@@ -694,12 +711,16 @@ def resolve_backend(settings: GuardSettings) -> str:
     return settings.backend
 
 
-def make_critic(settings: GuardSettings, *, star: bool = False) -> TransformersCritic | VLLMCritic:
+def make_critic(
+    settings: GuardSettings, *, star: bool = False,
+    work_conversations: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+) -> TransformersCritic | VLLMCritic:
     """Build the Safety Critic on the backend the settings ask for; `star`: its engine will
-    also score STAR's prefixes (prefix caching, `data.engines`)."""
+    also score STAR's prefixes (prefix caching, `data.engines`); `work_conversations`: the
+    rows it will score, when known (they decide a vLLM engine's `enforce_eager: auto`)."""
     settings.check()
     if resolve_backend(settings) == "vllm":
-        return VLLMCritic(settings, star=star)
+        return VLLMCritic(settings, star=star, work_conversations=work_conversations)
     return TransformersCritic(settings)
 
 

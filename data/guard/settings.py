@@ -64,7 +64,9 @@ class GuardSettings:
                                                 "STAR runs, else vLLM's default.")
     block_size: int | None = option(None, help="vLLM KV block size; None: 32 on CPU when STAR "
                                     "runs, else vLLM's default.")
-    enforce_eager: bool = option(False, help="vLLM: skip graph compilation (faster start-up).")
+    enforce_eager: Literal["auto", True, False] = option(
+        "auto", help="vLLM: true skips graph compilation (faster start-up, slower per "
+        "token); auto: compile only when the rows to score pay for it (data.engines).")
     distributed_executor_backend: str | None = option(
         None, help="vLLM executor: None (in this process on one device, else vLLM's default), "
         "uni, mp, ray, external_launcher.")
@@ -131,3 +133,5 @@ class GuardSettings:
             and 0 < self.gpu_memory_utilization <= 1
         ):
             raise bad("gpu_memory_utilization", "None or a number in (0, 1]")
+        if not (self.enforce_eager == "auto" or isinstance(self.enforce_eager, bool)):
+            raise bad("enforce_eager", "auto, true or false")

@@ -89,6 +89,37 @@ def test_probe_for_another_model_is_refused(fitted, tmp_path):
         annotate(cfg)
 
 
+def test_a_probe_follows_a_lora_adapter_policy(fitted, prompt_files, tiny_model_dir, tmp_path,
+                                               monkeypatch):
+    """--policy <adapter dir> fits and applies probes on the merged model; the base model's
+    probe is refused for it although LoRA leaves the embeddings (the fingerprint's hash)."""
+    pytest.importorskip("peft")
+    from tests.data.test_adapters import save_random_adapter
+
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(tmp_path / "cache"))
+    adapter = save_random_adapter(tiny_model_dir, tmp_path / "adapter",
+                                  ["q_proj", "v_proj", "down_proj"], seed=2)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"prompt": "hello", "response": "hi"}) + "\n")
+
+    def annotate_with(probe_dir, out):
+        annotate(from_dict(AnnotateConfig, {
+            "corpus": {"path": str(corpus)}, "policy": str(adapter), "output_dir": str(out),
+            "probe": {"path": str(probe_dir), "backend": "transformers"}}))
+
+    with pytest.raises(ProbeError, match="adapters_sha256"):
+        annotate_with(fitted, tmp_path / "refused")
+    own = tmp_path / "own-probe"
+    assert pipeline.main(["probe", "--policy", str(adapter), "--harmful",
+                          str(prompt_files / "harmful.txt"), "--benign",
+                          str(prompt_files / "benign.txt"), "--layers", "[-1]",
+                          "--output_dir", str(own)]) == 0
+    assert load_probe(own).model.adapters_sha256 is not None
+    annotate_with(own, tmp_path / "out")
+    scores = pl.read_parquet(str(tmp_path / "out" / "shard-*.parquet"))[PROBE_COLUMN]
+    assert scores.len() == 1 and 0 <= scores[0] <= 1
+
+
 def test_probe_reads_from_vllm_by_default_and_falls_back_to_transformers(
     fitted, tiny_model_dir, monkeypatch
 ):

@@ -165,3 +165,29 @@ def test_vllm_backend_writes_the_transformers_values(corpus, tiny_model_dir, tmp
                     ref[REF_TOPK_LOGPROBS_COLUMN].to_list(), strict=True):
         if a is not None:
             np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("eager", ["auto", True, False])
+def test_the_reference_engine_gets_enforce_eager_as_configured(eager, tiny_model_dir,
+                                                               tiny_tokenizer, monkeypatch):
+    """The recipe sets `reference.enforce_eager: true`: a compiled engine's ~5 min start-up
+    does not pay for scoring one corpus on a CPU."""
+    from safekeel.data import engines
+
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(spec):
+        started.append(spec)
+        raise Stop
+
+    monkeypatch.setattr(engines, "start_engine", fake_start)
+    monkeypatch.setattr(engines, "vllm_available", lambda: True)
+    cfg = reference_stage.ReferenceConfig(enabled=True, backend="vllm", enforce_eager=eager)
+    with pytest.raises(Stop):
+        reference_stage.ReferenceAnnotator(cfg, str(tiny_model_dir), tiny_tokenizer,
+                                           TokenizationConfig(max_length=64))
+    assert started[0].enforce_eager == eager
+    assert started[0].needed_tokens == 65

@@ -49,6 +49,24 @@ def test_command_line_text_is_typed():
     assert from_dict(AnnotateConfig, {"trust_remote_code": "yes"}).trust_remote_code is True
 
 
+def test_enforce_eager_takes_auto_true_or_false_from_yaml_and_the_command_line(capsys):
+    assert EvaluateConfig().enforce_eager == "auto"
+    assert AnnotateConfig().critic.enforce_eager == "auto"
+    for given, expected in (("auto", "auto"), ("true", True), ("False", False), (True, True),
+                            (False, False)):
+        for value in (from_dict(EvaluateConfig, {"enforce_eager": given}).enforce_eager,
+                      from_dict(AnnotateConfig, {"critic": {"enforce_eager": given}}
+                                ).critic.enforce_eager):
+            assert value == expected and type(value) is type(expected)
+    for bad in ("sometimes", 1, 0):  # 1 == True in Python, but not a boolean setting
+        with pytest.raises(ConfigError, match="enforce_eager"):
+            from_dict(EvaluateConfig, {"enforce_eager": bad})
+    assert pipeline.main(["evaluate", "--enforce_eager", "true", "--critic.enforce_eager",
+                          "auto", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["enforce_eager"], printed["critic"]["enforce_eager"]) == (True, "auto")
+
+
 @pytest.mark.parametrize("values, key_named, allowed", [
     ({"methd": "sft"}, "methd", "method"),
     ({"kl": {"bta": 1}}, "kl.bta", "beta"),

@@ -174,3 +174,44 @@ def test_gpu_engines_follow_the_gpus_bf16_support(tiny_model_dir, monkeypatch):
 def test_an_unknown_dtype_is_an_engine_error(tiny_model_dir):
     with pytest.raises(EngineError, match="guard engine: dtype 'half'"):
         kwargs_for(tiny_model_dir, dtype="half")
+
+
+def test_enforce_eager_auto_compiles_only_when_the_work_pays(tiny_model_dir, monkeypatch):
+    # the measured rates, mocked: compiling costs 100 s and saves 0.01 s a prompt token and
+    # 0.1 s a generated token
+    monkeypatch.setattr(engines, "COMPILE_EXTRA_START_S", 100.0)
+    monkeypatch.setattr(engines, "COMPILE_SAVES_PER_PROMPT_TOKEN_S", 0.01)
+    monkeypatch.setattr(engines, "COMPILE_SAVES_PER_NEW_TOKEN_S", 0.1)
+    small = engines.EngineWork(prompts=10, prompt_tokens=1_000, new_tokens=500)  # saves 60 s
+    large = engines.EngineWork(prompts=100, prompt_tokens=5_000, new_tokens=600)  # saves 110 s
+    assert kwargs_for(tiny_model_dir, work=small)["enforce_eager"] is True
+    assert kwargs_for(tiny_model_dir, work=large)["enforce_eager"] is False
+    assert kwargs_for(tiny_model_dir, role="star", work=large)["enforce_eager"] is False
+    # explicit settings win both ways; the activation engine is always eager
+    assert kwargs_for(tiny_model_dir, work=small, enforce_eager=False)["enforce_eager"] is False
+    assert kwargs_for(tiny_model_dir, work=large, enforce_eager=True)["enforce_eager"] is True
+    assert kwargs_for(tiny_model_dir, role="activations", work=large)["enforce_eager"] is True
+    # work unknown, or a GPU: vLLM's default (compiled)
+    assert kwargs_for(tiny_model_dir)["enforce_eager"] is False
+    assert kwargs_for(tiny_model_dir, cpu=False, work=small)["enforce_eager"] is False
+    with pytest.raises(EngineError, match="enforce_eager"):
+        kwargs_for(tiny_model_dir, enforce_eager="sometimes")
+
+
+def test_the_eager_choice_and_its_reason_are_logged(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(engines, "COMPILE_EXTRA_START_S", 100.0)
+    monkeypatch.setattr(engines, "COMPILE_SAVES_PER_PROMPT_TOKEN_S", 0.001)
+    caplog.set_level("INFO", logger=engines.__name__)
+    kwargs_for(tiny_model_dir, role="generation",
+               work=engines.EngineWork(prompts=3, prompt_tokens=300, new_tokens=30))
+    assert "generation engine: enforce_eager=True (auto, 3 prompts, 300 prompt tokens" in (
+        caplog.text)
+    kwargs_for(tiny_model_dir, enforce_eager=False)
+    assert "enforce_eager=False (set explicitly)" in caplog.text
+
+
+def test_the_measured_break_even_is_recorded():
+    """auto rests on the figures of benchmarks/bench_engine_compile.py, not on zeros."""
+    assert engines.COMPILE_EXTRA_START_S > 0
+    assert engines.COMPILE_SAVES_PER_PROMPT_TOKEN_S >= 0
+    assert engines.COMPILE_SAVES_PER_NEW_TOKEN_S >= 0

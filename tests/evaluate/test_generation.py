@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,11 +138,13 @@ def lora_adapter_dir(tmp_path_factory, tiny_model_dir):
     return directory
 
 
-def test_lora_adapter_is_merged_into_its_base(tmp_path, lora_adapter_dir, tiny_model_dir):
+def test_lora_adapter_is_merged_into_its_base(tmp_path, monkeypatch, lora_adapter_dir,
+                                               tiny_model_dir):
     import peft
 
     from safekeel.data.models import load_causal_lm
 
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(tmp_path / "cache"))
     checkpoint = resolve_checkpoint(str(lora_adapter_dir))
     assert checkpoint.kind == "lora_adapter" and checkpoint.base_model == str(tiny_model_dir)
     assert checkpoint.identity != resolve_checkpoint(str(tiny_model_dir)).identity
@@ -149,13 +152,47 @@ def test_lora_adapter_is_merged_into_its_base(tmp_path, lora_adapter_dir, tiny_m
                                                str(lora_adapter_dir)).eval()
     base = load_causal_lm(tiny_model_dir)
     ids = torch.tensor([render_prompt(_tokenizer(tiny_model_dir), CONVERSATIONS[1])])
-    with loadable_model(checkpoint, tmp_path) as model_path:
-        merged = load_causal_lm(model_path)
-        with torch.no_grad():
-            merged_logits = merged(ids).logits
-            assert torch.allclose(merged_logits, reference(ids).logits, atol=1e-5)
-            assert not torch.allclose(merged_logits, base(ids).logits, atol=1e-3)
-    assert not list(tmp_path.glob(".merged-*"))  # the temporary merge is removed
+    model_path = loadable_model(checkpoint)
+    assert model_path.startswith(str(tmp_path / "cache" / "merged"))  # the shared merge cache
+    merged = load_causal_lm(model_path)
+    with torch.no_grad():
+        merged_logits = merged(ids).logits
+        assert torch.allclose(merged_logits, reference(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged_logits, base(ids).logits, atol=1e-3)
+
+
+def test_a_chain_of_two_adapters_resolves_and_loads(tmp_path, monkeypatch, lora_adapter_dir,
+                                                     tiny_model_dir):
+    from safekeel.data.models import load_causal_lm
+    from tests.data.test_adapters import apply_by_hand, save_random_adapter
+
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(tmp_path / "cache"))
+    outer = save_random_adapter(lora_adapter_dir, tmp_path / "outer", ["o_proj"], seed=3)
+    checkpoint = resolve_checkpoint(str(outer))
+    inner = resolve_checkpoint(str(lora_adapter_dir))
+    assert checkpoint.kind == "lora_adapter" and checkpoint.base_model == str(lora_adapter_dir)
+    assert checkpoint.provenance["chain"] == [str(outer), str(lora_adapter_dir),
+                                              str(tiny_model_dir)]
+    assert checkpoint.provenance["base"]["kind"] == "lora_adapter"
+    assert checkpoint.provenance["base"]["base"]["kind"] == "hf_dir"
+    assert checkpoint.identity not in (inner.identity, resolve_checkpoint(str(tiny_model_dir)).identity)
+    merged = load_causal_lm(loadable_model(checkpoint))
+    want = apply_by_hand(tiny_model_dir, [lora_adapter_dir, outer])
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_adapter_chain_that_loops_is_refused(tmp_path, lora_adapter_dir):
+    import json
+
+    first = shutil.copytree(lora_adapter_dir, tmp_path / "first")
+    second = shutil.copytree(lora_adapter_dir, tmp_path / "second")
+    for adapter, base in ((first, second), (second, first)):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base)
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="chain loops"):
+        resolve_checkpoint(str(first))
 
 
 def test_lora_adapter_with_a_missing_base(tmp_path, lora_adapter_dir):
@@ -350,3 +387,32 @@ def test_the_transformers_generator_judges_the_cpu_even_beside_a_gpu(monkeypatch
     monkeypatch.setattr(precision, "cuda_device_name", lambda: "Test GPU")
     assert resolve_dtype("auto", "transformers") == "float32"
     assert resolve_dtype("auto", "vllm") == "bfloat16"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_serves_a_chain_of_adapters(make_vllm_engine, tmp_path, monkeypatch,
+                                         lora_adapter_dir, tiny_model_dir):
+    """The engine gets the chain's merged checkpoint and generates what transformers does."""
+    from safekeel.data.adapters import merged_cache_dir
+    from safekeel.data.engines import EngineSpec, engine_kwargs
+    from tests.data.test_adapters import save_random_adapter
+
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(tmp_path / "cache"))
+    outer = save_random_adapter(lora_adapter_dir, tmp_path / "outer", ["o_proj"], seed=3)
+    merged = loadable_model(resolve_checkpoint(str(outer)))
+    assert Path(merged).parent == merged_cache_dir()
+    assert engine_kwargs(EngineSpec(model=str(outer), role="generation"), cpu=True,
+                         model_limit=256)["model"] == merged
+    settings = GenerationSettings(enforce_eager=True, max_model_len=256, dtype="float32")
+    prompt_set = _prompt_set()
+    from_transformers = generate_for_set(TransformersGenerator(merged, settings), prompt_set, 12)
+    from_base = generate_for_set(TransformersGenerator(str(tiny_model_dir), settings),
+                                 prompt_set, 12)
+    assert from_transformers.responses != from_base.responses  # the chain changes the model
+    generator = VLLMGenerator(merged, settings, engine_factory=make_vllm_engine)
+    try:
+        from_vllm = generate_for_set(generator, prompt_set, 12)
+    finally:
+        generator.close()
+    assert from_vllm.responses == from_transformers.responses

@@ -6,6 +6,7 @@ import typing
 
 import pytest
 
+from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.embedded.world import make_world, write_jsonl
 from safekeel.evaluate.config import AttackConfig, PresetName, PromptSetConfig, TaskConfig
 from safekeel.evaluate.prompts import (
@@ -169,6 +170,43 @@ def test_bad_files_name_the_file_and_what_is_missing(tmp_path, content, options,
     assert str(path) in str(error.value) and message in str(error.value)
 
 
+def test_a_json_object_of_columns_reads_one_prompt_per_entry(tmp_path):
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps({"instructions": ["one", "two", "three"], "inputs": []}))
+    prompt_set = load_prompt_set(PromptSetConfig(path=str(path)))
+    assert [p.prompt for p in prompt_set.prompts] == ["one", "two", "three"]
+    assert prompt_set.details["prompt_column"] == "instructions"
+    path.write_text(json.dumps({"instructions": ["one", "two"], "inputs": ["x"]}))
+    with pytest.raises(PromptSetError, match="columns of different lengths"):
+        load_prompt_set(PromptSetConfig(path=str(path)))
+    # a one-row JSON-lines file of messages is still a table
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert [p.prompt for p in load_prompt_set(PromptSetConfig(path=str(path))).prompts] == ["hi"]
+
+
+def test_safety_tuned_llamas_i_alpaca_reads_as_columns(shared_data):
+    """50 benign instructions, inputs left empty."""
+    alpaca = load_prompt_set(PromptSetConfig(
+        path=str(shared_data / "safety_tuned_llamas" / "evaluation" / "I-Alpaca.json")), "benign")
+    assert len(alpaca) == 50 and alpaca.prompts[0].prompt.startswith("Compare and contrast")
+
+
+def test_sample_seed_draws_the_same_sample_in_file_order(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(50)))
+    draw = [p.prompt for p in load_prompt_set(
+        PromptSetConfig(path=str(path), max_rows=10, sample_seed=3)).prompts]
+    again = [p.prompt for p in load_prompt_set(
+        PromptSetConfig(path=str(path), max_rows=10, sample_seed=3)).prompts]
+    other = [p.prompt for p in load_prompt_set(
+        PromptSetConfig(path=str(path), max_rows=10, sample_seed=4)).prompts]
+    numbers = [int(p.split()[1]) for p in draw]
+    assert draw == again and draw != other and len(set(draw)) == 10
+    assert numbers == sorted(numbers) and numbers != list(range(10))
+    with pytest.raises(ConfigError, match="sample_seed"):
+        from_dict(PromptSetConfig, {"path": str(path), "sample_seed": 3})  # without max_rows
+
+
 def test_missing_file_and_empty_txt(tmp_path):
     with pytest.raises(PromptSetError, match="nope.csv"):
         load_prompt_set(PromptSetConfig(path=str(tmp_path / "nope.csv")))
@@ -236,6 +274,19 @@ def test_alpaca_style_task_joins_instruction_and_input(shared_data):
         f"{r['instruction']}\n\n{r['input']}" for r in rows]
     assert [p.reference for p in task.prompts] == [r["output"] for r in rows]
     assert all(len(p.messages) == 1 for p in task.prompts)  # the answer is not shown
+
+
+def test_task_prompt_template_writes_the_user_turn_from_the_columns(shared_data):
+    path = shared_data / "nlsr_finetune" / "sst2" / "val.json"
+    template = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    task = load_task(TaskConfig(path=str(path), answer_column="output", scorer="sst2",
+                                max_rows=3, prompt_template=template))
+    rows = json.loads(path.read_text())[:3]
+    assert [p.messages[-1]["content"] for p in task.prompts] == [
+        template.format(instruction=r["instruction"], input=r["input"]) for r in rows]
+    with pytest.raises(PromptSetError, match=r"row 0: prompt_template names column 'context'"):
+        load_task(TaskConfig(path=str(path), answer_column="output", scorer="sst2",
+                             max_rows=3, prompt_template="{context}"))
 
 
 def test_task_without_its_answer_column(shared_data):

@@ -37,7 +37,7 @@ def _results():
         "base", {"kind": "hf_dir", "path": "/m/base", "parameters": 1234567},
         harmful=[_harmful([False, False, True, False], ["a", "a", "b", "b"],
                           critic=[False, None, True, False])],
-        over_refusal=OverRefusalResult("benign", RateEstimate.from_counts(1, 4), INFO),
+        over_refusal=[OverRefusalResult("benign", RateEstimate.from_counts(1, 4), INFO)],
         tasks=[TaskResult("gsm8k", "gsm8k_final_number", 4,
                           accuracy=RateEstimate.from_counts(3, 4), generation=INFO),
                TaskResult("ll", "loglikelihood", 4, mean_score=-1.5)],
@@ -70,8 +70,8 @@ def test_utility_is_mean_accuracy_then_one_minus_over_refusal():
     one_task = CheckpointResult("m", {}, tasks=[
         TaskResult("t1", "s", 4, accuracy=RateEstimate.from_counts(1, 4))])
     assert one_task.utility()[1] == RateEstimate.from_counts(1, 4)
-    only_benign = CheckpointResult("m", {}, over_refusal=OverRefusalResult(
-        "benign", RateEstimate.from_counts(1, 8), INFO))
+    only_benign = CheckpointResult("m", {}, over_refusal=[OverRefusalResult(
+        "benign", RateEstimate.from_counts(1, 8), INFO)])
     value, interval, label = only_benign.utility()
     assert value == pytest.approx(7 / 8) and interval == RateEstimate.from_counts(7, 8)
     assert label == "1 - over-refusal (benign)"

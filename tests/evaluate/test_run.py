@@ -11,6 +11,7 @@ import torch
 from safekeel import pipeline
 from safekeel.data.config import from_dict
 from safekeel.data.embedded.world import make_world, write_jsonl
+from safekeel.data.engines import EngineWork
 from safekeel.evaluate.config import EvaluateConfig
 from safekeel.evaluate.generation import CheckpointError, SetGenerations
 from safekeel.evaluate.metrics import RateEstimate
@@ -239,7 +240,7 @@ def test_evaluate_end_to_end_and_cached_rerun(tmp_path, world_files, two_checkpo
         tasks = {t["task"]: t for t in checkpoint["tasks"]}
         assert tasks["world_tasks"]["accuracy"]["n"] == 8
         assert tasks["world_answer_ll"]["mean_score"] < 0 and tasks["world_answer_ll"]["n"] == 4
-        assert checkpoint["over_refusal"]["over_refusal"]["n"] == 6
+        assert [b["over_refusal"]["n"] for b in checkpoint["over_refusal"]] == [6]
 
     # Second run: every generation comes from the cache; re-judging with another threshold
     # changes the critic ASR without generating anything.
@@ -275,8 +276,9 @@ def test_evaluate_builds_its_judge_from_the_guard_settings(tmp_path, world_files
     built = []
 
     class StandIn:
-        def __init__(self, settings, star=False):
+        def __init__(self, settings, star=False, work_conversations=None):
             self.closed = False
+            self.work_conversations = work_conversations
             built.append((settings, star, self))
 
         def score(self, conversations):
@@ -297,6 +299,10 @@ def test_evaluate_builds_its_judge_from_the_guard_settings(tmp_path, world_files
     result = evaluate(cfg)
     (settings, star, judge), = built
     assert settings is cfg.critic and not star and judge.closed
+    # told every row it will judge before its engine starts (enforce_eager: auto)
+    harmful_rows = sum(1 for _ in world_files["harmful"].open())
+    assert len(judge.work_conversations) == harmful_rows
+    assert judge.work_conversations[0][1]["role"] == "assistant"
     assert (settings.dtype, settings.backend, settings.enforce_eager, settings.max_model_len) == (
         "float32", "transformers", True, 300)
     critic = result.results[0].harmful[0].judges["critic"]
@@ -324,6 +330,35 @@ def test_a_vllm_engine_is_sized_from_the_prompts_and_new_tokens(tmp_path, world_
     longest = max(len(render_prompt(tokenizer, row["messages"]))
                   for row in map(json.loads, world_files["harmful"].open()))
     assert asked["needed_tokens"] == longest + 7
+    rows = [json.loads(line) for line in world_files["harmful"].open()]
+    assert asked["work"] == EngineWork(
+        len(rows), sum(len(render_prompt(tokenizer, r["messages"])) for r in rows), 7 * len(rows))
+
+
+def test_several_harmful_and_benign_sets_are_reported_each_with_intervals(
+        tmp_path, world_files, tiny_model_dir):
+    benign = {"path": str(world_files["benign"]), "name": "world_benign"}
+    cfg = _config(world_files, [str(tiny_model_dir)], tmp_path / "eval", tasks=[],
+                  extra_harmful_prompts=[{"path": str(world_files["harmful"]),
+                                          "name": "harmful_first3", "max_rows": 3}],
+                  benign_prompts=benign,
+                  extra_benign_prompts=[{**benign, "name": "benign_first2", "max_rows": 2}])
+    evaluate(cfg)
+    checkpoint, = json.loads((tmp_path / "eval" / "report.json").read_text())["checkpoints"]
+    harmful_rows = sum(1 for _ in world_files["harmful"].open())
+    benign_rows = sum(1 for _ in world_files["benign"].open())
+    asr = {h["set"]: h["judges"]["keyword"]["asr"]["overall"] for h in checkpoint["harmful"]}
+    assert {name: rate["n"] for name, rate in asr.items()} == {
+        "world_harmful": harmful_rows, "harmful_first3": 3}
+    over = {b["set"]: b["over_refusal"] for b in checkpoint["over_refusal"]}
+    assert {name: rate["n"] for name, rate in over.items()} == {
+        "world_benign": benign_rows, "benign_first2": 2}
+    for rate in [*asr.values(), *over.values()]:
+        assert rate["low"] <= rate["rate"] <= rate["high"]
+    assert set(checkpoint["metrics"]) >= {"eval/over_refusal/world_benign",
+                                          "eval/over_refusal/benign_first2"}
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "| world_benign |" in markdown and "| benign_first2 |" in markdown
 
 
 def test_cli_runs_the_evaluate_verb(tmp_path, world_files, tiny_model_dir, capsys):
