@@ -163,6 +163,39 @@ def measure_peaks(dtypes: list[str], sizes: list[int]) -> dict[str, float]:
     return {d: matmul_peak(getattr(torch, d), tuple(sizes), repeats=3) for d in dtypes}
 
 
+def shape_matched_rate(policy: str, dtype: str, tokens: int, response_tokens: int,
+                       repeats: int = 3) -> float:
+    """FLOP/s of the model's own matmuls at one step's size: every linear layer's forward
+    product and its two backward products on `tokens` rows, the head on `response_tokens`
+    rows. The most any trainer's matmuls could reach here: small model widths run far below
+    the large-square peak."""
+    import torch
+
+    from safekeel.data.models import locate_model
+
+    cfg = json.loads((Path(locate_model(policy)) / "config.json").read_text())
+    h, inner, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) \
+        // cfg["num_attention_heads"]
+    half = getattr(torch, dtype)
+
+    def seconds(m: int, k: int, n: int) -> float:
+        x, w, dy = (torch.randn(a, b).to(half) for a, b in ((m, k), (k, n), (m, n)))
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first: allocations, kernel choice
+            started = time.perf_counter()
+            x @ w, dy @ w.T, x.T @ dy
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inner), (h, inner), (inner, h)]
+    flops = 6 * (layers * sum(tokens * k * n for k, n in layer)
+                 + response_tokens * h * cfg["vocab_size"])
+    spent = (layers * sum(seconds(tokens, k, n) for k, n in layer)
+             + seconds(response_tokens, h, cfg["vocab_size"]))
+    return flops / spent
+
+
 def report_progress(message: str) -> None:
     print(f"progress {message}", flush=True)
 
@@ -315,14 +348,15 @@ def batch_tokens(shards: Path, policy: str, max_length: int, batch: int) -> tupl
     from safekeel.train.config import TrainConfig
     from safekeel.train.data import TrainingStream
 
-    defaults = TrainConfig()
+    defaults = TrainConfig()  # the trainer's defaults: its seed, buffer and length grouping
     stream = TrainingStream(ShardReader(shards, required_columns=["critic_p_unsafe"]),
                             load_tokenizer(policy), TokenizationConfig(max_length=max_length),
                             batch, risk_columns=["critic_p_unsafe"], seed=defaults.seed,
-                            buffer_size=defaults.shuffle_buffer)
+                            buffer_size=defaults.shuffle_buffer,
+                            group_by_length=defaults.group_by_length)
     counts = [(int(m.attention_mask.sum()), m.num_response_tokens)
               for m in stream.iter_batches(0)]
-    order = [example.id for example in stream.iter_examples(0)]
+    order = [example.id for examples in stream.iter_batch_examples(0) for example in examples]
     return counts, order
 
 
@@ -353,7 +387,7 @@ def reader_tokens_per_second(shards: Path, policy: str, max_length: int, batch: 
     tokenizer = load_tokenizer(policy)
     reader = ShardReader(shards, required_columns=["critic_p_unsafe"])
     stream = TrainingStream(reader, tokenizer, TokenizationConfig(max_length=max_length), batch,
-                            risk_columns=["critic_p_unsafe"])
+                            risk_columns=["critic_p_unsafe"], group_by_length=True)
     tokens, started = 0, time.perf_counter()
     for epoch in range(3):
         for micro in stream.iter_batches(epoch):
@@ -514,6 +548,16 @@ def main() -> None:
         print(f"  {name:28s} {tokens_per_s:8.0f} tokens/s ({sum(measured(own[0]))} real, "
               f"{sum(measured(own[1]))} response)  {flops / 1e9:7.1f} GFLOP/s = "
               f"{flops / peak:4.0%} of {peak / 1e9:.0f} GFLOP/s ({precision})   target >= 80%")
+    # the ceiling at this model's widths: the same matmuls alone, measured now in this process
+    step_real = round(statistics.mean(measured(real)))
+    step_response = round(statistics.mean(measured(response)))
+    for precision in sft_dtypes:
+        square = measure_peaks([precision], args.peak_sizes)[precision]
+        shaped = shape_matched_rate(policy, precision, step_real, step_response)
+        _, flops = rates(results[f"sft {precision}"], real, response)
+        print(f"  the model's matmuls alone ({precision}, {step_real} tokens a step): "
+              f"{shaped / 1e9:.1f} GFLOP/s = {shaped / square:.0%} of the square peak "
+              f"{square / 1e9:.0f} GFLOP/s; sft {precision} reaches {flops / shaped:.0%} of them")
     trl_name = f"trl sft {dtype}"
     if trl_name in speed:
         ratio = speed[base] / speed[trl_name]

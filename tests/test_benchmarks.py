@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 NEEDS_VLLM = {"bench_critic.py", "bench_star.py", "bench_generation.py", "bench_activations.py",
-              "bench_ray.py"}
+              "bench_ray.py", "bench_engine_compile.py"}
 NEEDS_SHARED_DATA = {"bench_critic.py", "bench_star.py", "bench_ray.py",  # Alpaca rows
                      "bench_ref_topk.py"}  # the SST-2 attack mix
 

@@ -53,6 +53,9 @@ class LoraConfig:
     target_modules: list[str] = option(
         DEFAULT_LORA_TARGETS, help="Module names that get an adapter, or ['all-linear'] for "
         "every linear layer but the output head. The output head cannot be targeted.")
+    save_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="dtype of the saved adapter weights (training runs in float32); "
+        "bfloat16 halves the file, e.g. for committing small adapters.")
 
     def validate(self) -> None:
         if self.r < 1:
@@ -143,9 +146,20 @@ class TrainConfig:
         "auto", help="Autocast dtype. auto: bf16 where it is native (GPUs with bf16; CPUs "
         "with AVX512-BF16, AMX or Arm BF16), fp16 on other GPUs, no (fp32) on other CPUs. "
         "bf16 on a CPU that emulates it warns: it runs many times slower there.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = option(
+        "auto", help="The policy's attention kernel. auto: eager on CPU (PyTorch's CPU "
+        "flash-attention backward took ~16% of a SmolLM2 training step; eager is faster "
+        "there, benchmarks/README.md), transformers' default (sdpa) elsewhere.")
+    fused_optimizer: bool = option(True, help="AdamW's fused kernel on CPU and CUDA: one pass "
+                                   "over the parameters, not one per operation (on a CPU it "
+                                   "cut the optimizer step of SmolLM2 about 5x).")
     chunk_size: int = option(1024, help="Response positions per fp32 log-softmax chunk "
                              "(bounds the memory of the loss).")
     shuffle_buffer: int = option(256, help="Rows in each process's shuffle buffer.")
+    group_by_length: bool = option(
+        True, help="Put rows of like length in the same micro-batch (less padding): windows "
+        "of 64 optimizer steps' rows are sorted by length, cut into steps, and the steps "
+        "shuffled (seeded). Every row is still trained on once per epoch.")
     seed: int = option(0, help="Seed for shuffling and initialisation.")
     save_every: int = option(50, help="Optimizer steps between full-state checkpoints (a rerun "
                              "resumes from the latest); 0: only the final model.")

@@ -12,7 +12,23 @@ Flow per epoch (`TrainingStream.iter_batches`):
 4. Each row is tokenised with the policy tokenizer. Rows that cannot be trained on
    (`TokenizationIssue`) are skipped and counted by reason in `issues`; rows whose
    response was cut are kept and counted in `truncated_examples`. Nothing is dropped silently.
-5. `collate` right-pads the examples of a micro-batch.
+5. With `group_by_length`, the examples are length-grouped before they are cut into
+   micro-batches (`group_by_length`, below); otherwise they are cut in the buffer's order.
+6. `collate` right-pads the examples of a micro-batch.
+
+Length grouping (the idea of Hugging Face's `group_by_length`, done on a stream): a window
+of `group_window` optimizer steps' worth of examples (`batch_size x accumulation_steps`
+rows a step) is sorted by length and cut into step groups of that many rows; the full
+groups are put in an order seeded by (seed, epoch, rank) and each group is cut into
+micro-batches. Rows of like length share a micro-batch, so right padding costs little
+(on the SST-2 mix at batch 8: 1.48x the real tokens in buffer order, about 1.01x grouped).
+What is kept: every row of the rank exactly once per epoch; the same order for the same
+seed (so a resumed run, which replays the stream up to its checkpoint, gets the same
+remaining micro-batches); `batches_per_epoch` (only the very last group of an epoch can be
+short, and it stays last, so the count is ceil(rows / batch_size) as before). The rows of
+an optimizer step do not depend on how they are split into micro-batches: the same
+`batch_size x accumulation_steps` gives the same step groups, which keeps accumulated and
+single-batch runs comparable. A window holds at most `group_window` steps of tokenised rows.
 
 Padding, not packing: packing would put several examples into one sequence, which breaks
 two things this project relies on: per-example risk (adaptive_example, filter and
@@ -31,6 +47,7 @@ backward pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -230,6 +247,9 @@ class TrainingStream:
     rank: int = 0
     world_size: int = 1
     buffer_size: int = 256
+    group_by_length: bool = False
+    accumulation_steps: int = 1  # micro-batches per optimizer step (length grouping's unit)
+    group_window: int = 64  # optimizer steps' worth of rows sorted together
     issues: Counter[str] = field(default_factory=Counter)
     truncated_examples: int = 0
 
@@ -242,6 +262,9 @@ class TrainingStream:
             raise StreamConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.buffer_size < 1:
             raise StreamConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
+        for name in ("accumulation_steps", "group_window"):
+            if getattr(self, name) < 1:
+                raise StreamConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = [c for c in self.risk_columns if c not in RISK_COLUMNS_READ]
         if unknown:
             raise StreamConfigError(
@@ -318,19 +341,57 @@ class TrainingStream:
         batch.attention_mask.fill_(1)
         return batch
 
+    def iter_batch_examples(self, epoch: int) -> Iterator[list[TrainingExample]]:
+        """The examples of each non-empty micro-batch of `epoch`, in training order."""
+        examples = self.iter_examples(epoch)
+        if self.group_by_length:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, _GROUPING_STREAM])
+            examples = group_by_length(
+                examples, self.batch_size * self.accumulation_steps, self.group_window, rng)
+        pending: list[TrainingExample] = []
+        for example in examples:
+            pending.append(example)
+            if len(pending) == self.batch_size:
+                yield pending
+                pending = []
+        if pending:
+            yield pending
+
     def iter_batches(self, epoch: int) -> Iterator[TrainingBatch]:
         """Exactly `batches_per_epoch(epoch)` micro-batches, topped up with empty ones."""
         expected = self.batches_per_epoch(epoch)
         produced = 0
-        pending: list[TrainingExample] = []
-        for example in self.iter_examples(epoch):
-            pending.append(example)
-            if len(pending) == self.batch_size:
-                yield collate(pending, self.pad_token_id)
-                produced += 1
-                pending = []
-        if pending:
-            yield collate(pending, self.pad_token_id)
+        for examples in self.iter_batch_examples(epoch):
+            yield collate(examples, self.pad_token_id)
             produced += 1
         for _ in range(expected - produced):
             yield self.empty_batch()
+
+
+# Seeds the order of length-grouped step groups apart from the shuffle buffer's generator.
+_GROUPING_STREAM = 1
+
+
+def group_by_length(
+    examples: Iterable[TrainingExample], group_size: int, window: int,
+    rng: np.random.Generator,
+) -> Iterator[TrainingExample]:
+    """Yield every example once, ordered so that consecutive runs of `group_size` have
+    like lengths (see "Length grouping" in the module docstring).
+
+    Per window of `window * group_size` examples: sort by length (stable, so ties keep the
+    input order), cut into groups of `group_size`, and yield the groups in an order drawn
+    from `rng`. A short group (only the last window's last one can be) is yielded last, so
+    group boundaries stay at multiples of `group_size` from the start of the stream.
+    """
+    if group_size < 1 or window < 1:
+        raise StreamConfigError(f"group_size and window must be >= 1, got {group_size}, {window}")
+    iterator = iter(examples)
+    while chunk := list(itertools.islice(iterator, window * group_size)):
+        chunk.sort(key=lambda e: len(e.input_ids))
+        groups = [chunk[i:i + group_size] for i in range(0, len(chunk), group_size)]
+        short = groups.pop() if len(groups[-1]) < group_size else None
+        for k in rng.permutation(len(groups)):
+            yield from groups[int(k)]
+        if short is not None:
+            yield from short

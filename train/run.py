@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 from safekeel.data import precision
 from safekeel.data.config import ConfigError, save_resolved, to_dict, validate
 from safekeel.data.files import atomic_write_json, atomic_write_text
-from safekeel.data.models import load_causal_lm, load_tokenizer
+from safekeel.data.models import attention_kernel, load_causal_lm, load_tokenizer
 from safekeel.data.output_dir import (
     OutputDirError,
     guards_output_dir,
@@ -308,9 +308,15 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError(f"lora.target_modules: {err}") from None
+    # The saved adapter names the policy as the user gave it, not the directory it was
+    # loaded from (for an adapter policy, a merge cache that may be deleted).
+    from safekeel.data.adapters import base_reference
+
+    peft_model.peft_config["default"].base_model_name_or_path = base_reference(cfg.policy)
+    return peft_model
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -537,6 +543,8 @@ def setup_data(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         buffer_size=cfg.shuffle_buffer,
+        group_by_length=cfg.group_by_length,
+        accumulation_steps=cfg.gradient_accumulation_steps,
     )
 
 
@@ -574,7 +582,10 @@ def setup_model(
     `--reference precomputed` builds none: every shard of `stream` must hold the stored
     reference of this very model (checked against the model as loaded, before any adapter).
     """
-    model = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(
+        cfg.policy, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=attention_kernel(cfg.attn_implementation,
+                                             accelerator.device.type))
     model.train()
     reference: ReferenceModel | None = None
     stored = uses_stored_reference(cfg, weight_policy)
@@ -594,6 +605,8 @@ def setup_model(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
+        # None: PyTorch's own choice (foreach); fused has kernels on CPU and CUDA only
+        fused=(cfg.fused_optimizer and accelerator.device.type in ("cpu", "cuda")) or None,
     )
     # The schedule counts optimizer steps; it is stepped by hand and not `prepare`d, which
     # would step it once per process and per micro-batch.
@@ -829,7 +842,9 @@ def train_step(
     batches = [batch.to(accelerator.device) for _, batch in window]
     step_tokens = count_step_tokens([b.response_mask for b in batches])
     metrics = StepMetrics(step_tokens)
-    for batch in batches:
+    # read from the host copies: asking the device would wait for it on every micro-batch
+    empty = [host.is_empty for _, host in window]
+    for batch, is_empty in zip(batches, empty, strict=True):
         with accelerator.accumulate(trained.model):
             with accelerator.autocast():
                 result = micro_batch_loss(
@@ -849,7 +864,7 @@ def train_step(
             kl_weights=result.kl_weights,
             batch_risk=result.weights.batch_risk,
             reference_skipped=result.reference_skipped,
-            padding=batch.is_empty,
+            padding=is_empty,
         )
     # The last micro-batch of the window synced the gradients (see `_steps`).
     grad_norm = accelerator.clip_grad_norm_(trained.model.parameters(), cfg.max_grad_norm)
@@ -931,8 +946,14 @@ def save_final_model(
     """
     state_dict = accelerator.get_state_dict(trained.model)
     if accelerator.is_main_process:
-        # peft keeps only the adapter's weights from the full state dict
-        trained.unwrapped.save_pretrained(paths.final, state_dict=state_dict)
+        if cfg.lora.enabled and cfg.lora.save_dtype != "float32":
+            dtype = getattr(torch, cfg.lora.save_dtype)
+            state_dict = {k: v.to(dtype) if "lora_" in k else v for k, v in state_dict.items()}
+        # peft keeps only the adapter's weights from the full state dict; the base may be an
+        # adapter (no config.json), and embeddings are never trained: do not look for them
+        trained.unwrapped.save_pretrained(paths.final, state_dict=state_dict,
+                                          **({"save_embedding_layers": False}
+                                             if cfg.lora.enabled else {}))
         tokenizer.save_pretrained(paths.final)
         save_resolved(cfg, paths.final / CONFIG_NAME)
         if paths.merged is not None:

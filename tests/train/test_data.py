@@ -164,3 +164,78 @@ def test_empty_batch_has_no_response_tokens(reader, tiny_tokenizer):
     filler = stream(reader, tiny_tokenizer).empty_batch()
     assert filler.is_empty and filler.ids == [""]
     assert filler.star_v_safe_tokens is not None and not filler.star_v_safe_tokens.any()
+
+
+# --------------------------------------------------------------------------- length grouping
+
+
+def padded_and_real(batches) -> tuple[int, int]:
+    return (sum(b.input_ids.numel() for b in batches if not b.is_empty),
+            sum(int(b.attention_mask.sum()) for b in batches if not b.is_empty))
+
+
+@pytest.fixture()
+def uneven_reader(tmp_path, tiny_tokenizer):
+    # 40 rows whose prompts repeat 1-12 times: lengths spread over a wide range
+    rows = make_rows(40)
+    for i, row in enumerate(rows):
+        row["messages"][0]["content"] = "Tell me more. " * (1 + (i * 7) % 12) + f"number {i}"
+    return ShardReader(write_shards(tmp_path, rows, tiny_tokenizer))
+
+
+def test_length_grouping_keeps_every_row_once_and_equal_batch_counts(uneven_reader,
+                                                                     tiny_tokenizer):
+    every = {f"ex-{i:03d}" for i in range(40)}
+    for epoch in range(2):
+        streams = [stream(uneven_reader, tiny_tokenizer, rank=r, world_size=2,
+                          group_by_length=True, group_window=2) for r in range(2)]
+        batches = [list(s.iter_batches(epoch)) for s in streams]
+        seen = [[i for b in bs for i in b.ids if i] for bs in batches]
+        assert not set(seen[0]) & set(seen[1])
+        assert Counter(seen[0] + seen[1]) == Counter(every)
+        assert len(batches[0]) == len(batches[1]) == streams[0].batches_per_epoch(epoch)
+
+
+def test_length_grouping_pads_less_and_is_deterministic(uneven_reader, tiny_tokenizer):
+    def grouped(seed=0, epoch=0):
+        return stream(uneven_reader, tiny_tokenizer, seed=seed, group_by_length=True)
+
+    plain = list(stream(uneven_reader, tiny_tokenizer).iter_batches(0))
+    by_length = list(grouped().iter_batches(0))
+    padded, real = padded_and_real(by_length)
+    plain_padded, plain_real = padded_and_real(plain)
+    assert real == plain_real
+    assert padded / real < 1.05 < plain_padded / plain_real
+    assert sorted(ids_of(grouped(), 0)) == sorted(ids_of(stream(uneven_reader, tiny_tokenizer), 0))
+    assert ids_of(grouped(), 0) == ids_of(grouped(), 0)  # same seed, same order
+    assert ids_of(grouped(), 1) != ids_of(grouped(), 0)
+    assert ids_of(grouped(seed=1), 0) != ids_of(grouped(), 0)
+    # the step groups are shuffled, not served shortest first
+    lengths = [b.input_ids.shape[1] for b in by_length]
+    assert lengths != sorted(lengths) and lengths != sorted(lengths, reverse=True)
+
+
+def test_length_grouped_steps_do_not_depend_on_the_micro_batch_split(uneven_reader,
+                                                                     tiny_tokenizer):
+    # 2 micro-batches of 2 rows and 1 of 4 make the same optimizer steps
+    def steps(batch_size, accumulation):
+        s = stream(uneven_reader, tiny_tokenizer, batch_size=batch_size,
+                   accumulation_steps=accumulation, group_by_length=True, group_window=3)
+        ids = [b.ids for b in s.iter_batches(0)]
+        return [sorted(i for b in ids[k:k + accumulation] for i in b)
+                for k in range(0, len(ids), accumulation)]
+
+    assert steps(2, 2) == steps(4, 1) == steps(1, 4)
+
+
+def test_group_by_length_puts_a_short_group_last():
+    import numpy as np
+
+    from safekeel.train.data import group_by_length
+
+    examples = [TrainingExample(str(n), [0] * n, [0] * n) for n in (5, 1, 9, 3, 7, 2, 8)]
+    out = list(group_by_length(examples, 2, 10, np.random.default_rng(0)))
+    assert sorted(e.id for e in out) == sorted(e.id for e in examples)
+    assert [len(e.input_ids) for e in out][-1] == 9  # the 7th, longest, is the short group
+    pairs = [sorted(len(e.input_ids) for e in out[k:k + 2]) for k in (0, 2, 4)]
+    assert sorted(pairs) == [[1, 2], [3, 5], [7, 8]]

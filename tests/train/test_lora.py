@@ -139,3 +139,60 @@ def test_unknown_target_module_names_the_option(tiny_model_dir):
     cfg = from_dict(TrainConfig, {"lora": {"enabled": True, "target_modules": ["no_such_proj"]}})
     with pytest.raises(ConfigError, match="lora.target_modules"):
         apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+
+
+def test_training_on_an_adapter_records_it_as_the_base(tiny_model_dir, shards, tmp_path,
+                                                       monkeypatch):
+    """--policy <adapter dir>: the policy (and so the KL reference) is the adapter merged
+    into its base; the new adapter names the policy adapter as its base, by absolute path,
+    and stays loadable after the merge cache is gone."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safekeel.data.models import resolve_model_path
+    from tests.data.test_adapters import apply_by_hand, save_random_adapter
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    policy = save_random_adapter(tiny_model_dir, tmp_path / "safe_ref", ["q_proj", "v_proj"],
+                                 seed=1)
+    result = train(lora_config("safe_ref", shards, tmp_path / "out", method="constant_kl",
+                               max_steps=2, merge_lora=True))
+    config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(policy)
+    # step 1: the fresh adapter is zero, the policy is the reference (the policy adapter
+    # merged), so KL vanishes; it would not against the bare base model
+    assert read_log(tmp_path / "out")[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    shutil.rmtree(cache)
+    merged = weights_of(Path(resolve_model_path(result.final_dir)))
+    want = apply_by_hand(tiny_model_dir, [policy, result.final_dir])
+    trained_merge = weights_of(result.merged_dir)
+    for name, weight in want.items():
+        torch.testing.assert_close(merged[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(trained_merge[name], weight, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_adapter_can_be_saved_in_bfloat16(tiny_model_dir, shards, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from safekeel.data.models import resolve_model_path
+
+    monkeypatch.setenv("SAFEKEEL_CACHE", str(tmp_path / "cache"))
+    saved = {}
+    for dtype in ("float32", "bfloat16"):
+        result = train(lora_config(tiny_model_dir, shards, tmp_path / dtype, method="sft",
+                                   max_steps=2, lora={**LORA, "save_dtype": dtype}))
+        saved[dtype] = result.final_dir
+    full = load_file(str(saved["float32"] / "adapter_model.safetensors"))
+    half = load_file(str(saved["bfloat16"] / "adapter_model.safetensors"))
+    assert {t.dtype for t in full.values()} == {torch.float32}
+    assert {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert full.keys() == half.keys()
+    for key in full:  # the same training, rounded once when saved
+        assert torch.equal(half[key], full[key].to(torch.bfloat16)), key
+    merged = {d: weights_of(Path(resolve_model_path(saved[d]))) for d in saved}
+    assert {t.dtype for t in merged["bfloat16"].values()} == {torch.float32}
+    for name, weight in merged["float32"].items():
+        torch.testing.assert_close(merged["bfloat16"][name], weight, rtol=0, atol=1e-3, msg=name)

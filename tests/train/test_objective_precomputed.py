@@ -224,3 +224,25 @@ def test_malformed_precomputed_values_are_refused():
         PrecomputedReference(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ObjectiveInputError, match="shaped like topk_ids"):
         PrecomputedReference(torch.zeros(2), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4))
+
+
+def test_rows_with_little_policy_mass_outside_the_top_k_are_summed_directly():
+    """1 - (mass on the ids) cancels when the policy puts almost everything there; those rows
+    take the direct sum, the others the cheap difference, and both match float64."""
+    logits, logq, labels = random_pair(21, rows=6)
+    top_logq, ids = logq.topk(4, dim=-1)
+    # rows 0-2: the policy puts all but ~1e-7 of its mass on the row's first top-k id
+    logits[:3].scatter_(-1, ids[:3, :1], 20.0)
+    logp = logits.log_softmax(-1)
+    extra = (labels, logq.gather(-1, labels[:, None]).squeeze(-1))
+    approx = topk_forward_kl(logp, ids, top_logq, *extra)
+    expected = coarse_forward_kl(logits.double().log_softmax(-1), logq.double(), ids, labels)
+    assert bool(torch.isfinite(approx).all())
+    torch.testing.assert_close(approx.double(), expected, atol=1e-5, rtol=1e-5)
+
+    def kl_of_logits(x):
+        return topk_forward_kl(x.log_softmax(-1), ids, top_logq.double(), labels,
+                               extra[1].double())
+
+    logits64 = logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(kl_of_logits, (logits64,), eps=1e-6, atol=1e-5)

@@ -177,6 +177,41 @@ def test_sft_never_builds_a_reference(tiny_model_dir, shards, tmp_path, monkeypa
     assert read_log(tmp_path / "out")[0]["ref_skipped"] == 2
 
 
+@pytest.mark.parametrize(("choice", "kernel", "fused"), [("auto", "eager", True),
+                                                       ("sdpa", "sdpa", False)])
+def test_attention_kernel_and_fused_adamw_as_configured(choice, kernel, fused, tiny_model_dir,
+                                                        shards, tmp_path, monkeypatch):
+    """On a CPU, auto trains with eager attention (PyTorch's CPU flash-attention backward is
+    the slow part) and AdamW's fused kernel, unless the config says otherwise."""
+    loaded, optimizers = [], []
+    load = run_module.load_causal_lm
+
+    def recording_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(model.config._attn_implementation)
+        return model
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            optimizers.append(self.defaults["fused"])
+
+    monkeypatch.setattr(run_module, "load_causal_lm", recording_load)
+    monkeypatch.setattr(run_module.torch.optim, "AdamW", RecordingAdamW)
+    train(make_config(tiny_model_dir, shards, tmp_path / "out", method="sft", max_steps=1,
+                      attn_implementation=choice, fused_optimizer=fused))
+    assert loaded == [kernel]
+    assert optimizers == [True if fused else None]
+
+
+def test_attention_kernel_auto_is_eager_on_cpu_only():
+    from safekeel.data.models import attention_kernel
+
+    assert attention_kernel("auto", "cpu") == "eager"
+    assert attention_kernel("auto", "cuda") is None  # transformers' default (sdpa / flash)
+    assert attention_kernel("flash_attention_2", "cuda") == "flash_attention_2"
+
+
 def test_star_dss_refuses_shards_without_star_columns(tiny_model_dir, tiny_tokenizer, tmp_path):
     plain = write_shards(tmp_path / "plain", 4, tokenizer_fingerprint(tiny_tokenizer),
                          risk=(CRITIC_COLUMN, PROBE_COLUMN))
