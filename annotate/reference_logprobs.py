@@ -135,6 +135,9 @@ class ReferenceProvenance:
     tokenization: max_length, min_response_tokens, mask_method used to find the positions.
     top_k, logprob_dtype: what was stored; compute_dtype: the reference's weights' dtype.
     backend: transformers or vllm (informational; the two agree to ~1e-4 in float32).
+    attention: the transformers attention kernel the values were computed with ("vllm" for
+        vLLM's own; "" in shards written before it was recorded). Another kernel than the
+        live policy's agrees only to float noise: training warns, it does not refuse.
     """
 
     reference: Mapping[str, Any]
@@ -144,6 +147,7 @@ class ReferenceProvenance:
     compute_dtype: str
     logprob_dtype: str = LOGPROB_DTYPE
     backend: str = "transformers"
+    attention: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -152,6 +156,29 @@ class ReferenceProvenance:
     def from_json(cls, text: str | bytes) -> ReferenceProvenance:
         data = json.loads(text)
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+class ReferenceKernelWarning(UserWarning):
+    """Stored reference values from another attention kernel than the policy's."""
+
+
+def attention_of(model: Any) -> str:
+    """The attention kernel a loaded transformers model runs ("eager", "sdpa", ...)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "")
+
+
+def kernel_mismatch(stored: ReferenceProvenance, expected: ReferenceProvenance) -> str | None:
+    """Why stored values are not bit-for-bit the live reference's kernel's, or None. Only a
+    transformers-computed shard with a recorded kernel is compared (vLLM's kernels always
+    differ, like its backend, to ~1e-4)."""
+    if stored.backend != "transformers" or not stored.attention or not expected.attention:
+        return None
+    if stored.attention == expected.attention:
+        return None
+    return (f"the precomputed reference was computed with {stored.attention} attention, "
+            f"this run's policy uses {expected.attention}: the values agree only to float "
+            f"noise; annotate with reference.attn_implementation: {expected.attention} for "
+            "an exact match")
 
 
 def tokenization_settings(cfg: TokenizationConfig) -> dict[str, Any]:

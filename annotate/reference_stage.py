@@ -23,6 +23,7 @@ from safekeel.annotate.reference_logprobs import (
     REFERENCE_COLUMNS,
     REFERENCE_METADATA_KEY,
     ReferenceProvenance,
+    attention_of,
     score_conversations,
     tokenization_settings,
 )
@@ -51,6 +52,11 @@ class ReferenceConfig:
         "moves log-probs by ~1e-2 and is 15-80x slower on CPUs that only emulate it.")
     batch_size: int = option(8, help="Conversations per forward pass (transformers; vLLM "
                              "schedules its own batches).")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = option(
+        "auto", help="The reference's attention kernel (transformers backend; vLLM uses its "
+        "own). auto is training's auto on a CPU (eager). Set it to training's "
+        "attn_implementation when that is not auto: the stored log-probs then equal the live "
+        "reference's bit for bit (another kernel agrees only to float noise; training warns).")
     enforce_eager: Literal["auto", True, False] = option(
         "auto", help="vLLM: true skips compiling (the engine starts ~5 min sooner on a "
         "2-core CPU; compiled scoring is ~1.2x faster there, which pays only past ~300k "
@@ -96,10 +102,11 @@ class ReferenceAnnotator:
         dtype = resolve_dtype(cfg.dtype)
         backend = resolve_reference_backend(cfg.backend)
         self._engine = None
-        # the kernel training's live reference uses (it loads on the CPU here), so the
-        # stored log-probs equal the live ones, not just come close
+        # the kernel training's live reference uses (as chosen for a CPU: it loads there), so
+        # the stored log-probs equal the live ones, not just come close
         model = load_causal_lm(policy, dtype=dtype, trust_remote_code=trust_remote_code,
-                               attn_implementation=attention_kernel("auto", "cpu"))
+                               attn_implementation=attention_kernel(cfg.attn_implementation,
+                                                                    "cpu"))
         fingerprint = fingerprint_transformers_model(model, tokenizer, name=policy)
         if backend == "vllm":
             del model  # only its fingerprint was needed; the engine loads its own weights
@@ -118,6 +125,7 @@ class ReferenceAnnotator:
             top_k=cfg.top_k,
             compute_dtype=self.scorer.compute_dtype,
             backend=self.scorer.backend,
+            attention="vllm" if backend == "vllm" else attention_of(model),
         )
 
     def _vllm_scorer(self, policy: str, dtype: str, trust_remote_code: bool) -> Any:

@@ -157,6 +157,8 @@ def scoring_config_hash(cfg: AnnotateConfig) -> str:
         values.pop(engine_only)
     for report_only in ("label_column", "label_positive", "label_negative"):
         values["corpus"].pop(report_only)  # the report reads them; the scores do not
+    if values["reference"]["attn_implementation"] == "auto":
+        values["reference"].pop("attn_implementation")  # the default: earlier hashes hold
     return config_hash(values)
 
 

@@ -18,6 +18,7 @@ collectives the other processes never join.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -100,7 +101,11 @@ def expected_reference_provenance(
     """This run's reference as annotate would have recorded it: the starting policy (before
     any adapter), the policy tokenizer, the tokenisation and the weights' dtype."""
     from safekeel.annotate.activations import fingerprint_transformers_model
-    from safekeel.annotate.reference_logprobs import ReferenceProvenance, tokenization_settings
+    from safekeel.annotate.reference_logprobs import (
+        ReferenceProvenance,
+        attention_of,
+        tokenization_settings,
+    )
     from safekeel.data.shards import tokenizer_fingerprint
 
     return ReferenceProvenance(
@@ -109,17 +114,23 @@ def expected_reference_provenance(
         tokenization=tokenization_settings(tokenization),
         top_k=min_top_k,
         compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        attention=attention_of(model),
     )
 
 
 def check_stored_reference(files: Any, expected: Any, *, estimator: str) -> None:
-    """Refuse any shard whose stored reference is not this run's (one line naming it)."""
+    """Refuse any shard whose stored reference is not this run's (one line naming it); warn
+    once when the shards were computed with another attention kernel."""
     from safekeel.annotate.reference_logprobs import (
         REFERENCE_METADATA_KEY,
+        ReferenceKernelWarning,
         ReferenceProvenance,
         check_reference_provenance,
+        kernel_mismatch,
     )
     from safekeel.data.shards import read_shard_metadata
+
+    warned = False
 
     for path in files:
         _, provenance = read_shard_metadata(path)
@@ -129,8 +140,12 @@ def check_stored_reference(files: Any, expected: Any, *, estimator: str) -> None
                 f"{path.name}: no precomputed reference provenance; annotate with "
                 "reference.enabled, or use --reference live"
             )
-        check_reference_provenance(ReferenceProvenance(**stored), expected,
-                                   estimator=estimator, where=path.name)
+        stored = ReferenceProvenance(**stored)
+        check_reference_provenance(stored, expected, estimator=estimator, where=path.name)
+        mismatch = kernel_mismatch(stored, expected)
+        if mismatch is not None and not warned:
+            warnings.warn(f"{path.name}: {mismatch}", ReferenceKernelWarning, stacklevel=2)
+            warned = True
 
 
 def build_reference(model: torch.nn.Module, device: torch.device) -> FrozenCopyReference:

@@ -15,10 +15,12 @@ import torch
 
 import safekeel.train.run as run_module
 from safekeel.annotate.config import AnnotateConfig
-from safekeel.annotate.reference_logprobs import ReferenceLogprobError
+from safekeel.annotate.reference_logprobs import ReferenceKernelWarning, ReferenceLogprobError
+from safekeel.annotate.reference_stage import reference_provenance_of
 from safekeel.annotate.run import annotate
 from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.embedded.tiny_models import save_tiny_model
+from safekeel.data.shards import ShardReader
 from safekeel.train.objective import ObjectiveInputError
 from safekeel.train.reference import MissingReferenceError
 from safekeel.train.run import train
@@ -37,11 +39,12 @@ def write_corpus(path: Path) -> Path:
 
 
 def annotate_reference(out: Path, corpus: Path, policy: Path, top_k: int,
-                       max_length: int = MAX_LENGTH) -> Path:
+                       max_length: int = MAX_LENGTH, attention: str = "auto") -> Path:
     cfg = from_dict(AnnotateConfig, {
         "corpus": {"path": str(corpus)}, "policy": str(policy), "output_dir": str(out),
         "rows_per_shard": 4, "row_group_size": 2, "tokenization": {"max_length": max_length},
-        "reference": {"enabled": True, "backend": "transformers", "top_k": top_k}})
+        "reference": {"enabled": True, "backend": "transformers", "top_k": top_k,
+                      "attn_implementation": attention}})
     annotate(cfg)
     return out
 
@@ -118,6 +121,32 @@ def test_precomputed_with_lora_trains_like_the_disabled_adapter(
     results, logs = run_both(tiny_model_dir, shards_k8, tmp_path, lora=lora,
                              kl={"estimator": "k2", "beta": 0.5})
     assert_same_training(results, logs, "adapter_model.safetensors")
+
+
+def test_stored_kernel_is_recorded_and_another_one_warns_once(tiny_model_dir, corpus,
+                                                              tmp_path):
+    """auto is eager (training's auto on a CPU); an sdpa-made reference trains an sdpa
+    policy exactly like its live sdpa reference, and an eager policy with a warning."""
+    eager = annotate_reference(tmp_path / "eager", corpus, tiny_model_dir, 8)
+    sdpa = annotate_reference(tmp_path / "sdpa", corpus, tiny_model_dir, 8, attention="sdpa")
+    assert reference_provenance_of(ShardReader(eager).provenance).attention == "eager"
+    assert reference_provenance_of(ShardReader(sdpa).provenance).attention == "sdpa"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results, logs = run_both(tiny_model_dir, sdpa, tmp_path / "same",
+                                 attn_implementation="sdpa", kl={"estimator": "k2"})
+    assert not [w for w in caught if w.category is ReferenceKernelWarning]
+    assert_same_training(results, logs)
+
+    with pytest.warns(ReferenceKernelWarning) as caught:
+        train(make_config(tiny_model_dir, sdpa, tmp_path / "other", method="constant_kl",
+                          max_steps=1, reference="precomputed", attn_implementation="eager"))
+    kernel_warnings = [w for w in caught if w.category is ReferenceKernelWarning]
+    assert len(kernel_warnings) == 1  # once, though every shard differs
+    assert str(kernel_warnings[0].message).startswith(
+        "shard-00000.parquet: the precomputed reference was computed with sdpa attention, "
+        "this run's policy uses eager")
 
 
 def test_forward_kl_refuses_too_small_a_top_k(tiny_model_dir, shards_k8, tmp_path):
