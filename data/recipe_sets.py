@@ -62,6 +62,10 @@ class GuardSetSizes:
                           "row, safe, and where the base policy complies a compliant row, "
                           "unsafe).")
     benign: int = option(200, help="Benign instructions with their answers (safe).")
+    benign_policy_answers: bool = option(
+        False, help="Also answer the benign instructions with the base policy (safe rows in "
+        "the same voice as the compliant, unsafe ones), so the verdict has to come from what "
+        "is asked and answered, not from whose style the answer is in.")
     hh_rejected: int = option(0, help="hh-rlhf harmless-base `rejected` final replies "
                               "(unsafe). Noisy: `rejected` is only the less harmless of two.")
     heldout_share: float = option(0.2, help="Share of the guard's instructions held out.")
@@ -191,6 +195,11 @@ def prepare_sets(cfg: PrepareConfig, answer: Answerer | None = None) -> Prepared
         prompts = [p for p, _ in guard_h]
         compliant = {p: a for p, a in zip(prompts, answer(prompts), strict=True)
                      if a.strip()}
+    benign_answers: dict[str, str] = {}
+    if answer is not None and g.benign_policy_answers and guard_b:
+        prompts = [p for p, _ in guard_b]
+        benign_answers = {p: a for p, a in zip(prompts, answer(prompts), strict=True)
+                          if a.strip()}
     hh: list[tuple[str, str]] = []
     if g.hh_rejected and cfg.hh_rlhf:
         hh_pairs, _ = excluded.keep(hh_rlhf_final_turns(cfg.hh_rlhf, "rejected"))
@@ -206,6 +215,8 @@ def prepare_sets(cfg: PrepareConfig, answer: Answerer | None = None) -> Prepared
                 rows += _guard_examples(p, compliant[p], UNSAFE, "harmful_compliant", g)
         for p, r in benign_pairs:
             rows += _guard_examples(p, r, SAFE, "benign", g)
+            if p in benign_answers:
+                rows += _guard_examples(p, benign_answers[p], SAFE, "benign_policy", g)
         for p, r in hh_pairs:
             rows += _guard_examples(p, r, UNSAFE, "hh_rejected", g)
         # labelled sets' rows are already in their corpus's format
@@ -232,7 +243,8 @@ def prepare_sets(cfg: PrepareConfig, answer: Answerer | None = None) -> Prepared
     counts.update(dropped_as_evaluation_prompts={"harmful": dropped_harmful,
                                                  "benign": dropped_benign,
                                                  "labelled": dropped_labelled},
-                  compliant_answers=len(compliant), guard_harmful_instructions=len(guard_h),
+                  compliant_answers=len(compliant), benign_policy_answers=len(benign_answers),
+                  guard_harmful_instructions=len(guard_h),
                   guard_labels={name: _label_counts(sets[name])
                                 for name in ("guard_train", "guard_heldout")})
     (out / "prepare_counts.json").write_text(json.dumps(counts, indent=2) + "\n")

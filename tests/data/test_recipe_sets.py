@@ -111,6 +111,53 @@ def test_prepared_sets_keep_evaluation_prompts_out_and_uses_apart(tmp_path):
     assert any(r["is_prefix"] for r in compliant)
 
 
+def test_benign_policy_answers_are_safe_rows_in_the_policys_voice(tmp_path):
+    harmful = instruction_file(tmp_path / "harmful.json",
+                               [(f"harmful request {i}", "I cannot help with that.")
+                                for i in range(20)])
+    benign = instruction_file(tmp_path / "benign.json",
+                              [(f"benign request {i}", f"Here is answer {i}.") for i in range(20)])
+    asked: list[list[str]] = []
+
+    def answer(prompts):
+        asked.append(prompts)
+        # the policy's voice either way; it refused one benign request ("" = refused)
+        return ["" if p == "benign request 0" else f"Policy says: {p}" for p in prompts]
+
+    def guard_kinds(policy_answers):
+        cfg = PrepareConfig(harmful=str(harmful), benign=str(benign), reference_harmful=4,
+                            reference_benign=4, heldout_harmful=2, heldout_benign=2,
+                            output_dir=str(tmp_path / f"data-{policy_answers}"))
+        cfg.guard.harmful, cfg.guard.benign = 8, 10
+        cfg.guard.benign_policy_answers = policy_answers
+        asked.clear()
+        prepared = prepare_sets(cfg, answer)
+        rows = [{**json.loads(line), "split": split} for split in ("train", "heldout")
+                for line in prepared.paths[f"guard_{split}"].read_text().splitlines()]
+        return prepared.counts, rows
+
+    counts, rows = guard_kinds(False)
+    assert len(asked) == 1 and all(p.startswith("harmful") for p in asked[0])
+    assert counts["benign_policy_answers"] == 0
+    assert "benign_policy" not in {r["kind"] for r in rows}
+
+    counts, rows = guard_kinds(True)
+    assert [len(a) for a in asked] == [8, 10] and all(p.startswith("benign") for p in asked[1])
+    voiced = [r for r in rows if r["kind"] == "benign_policy"]
+    answered = {p for p in asked[1] if p != "benign request 0"}
+    assert counts["benign_policy_answers"] == len(answered)
+    assert {r["instruction"] for r in voiced} == answered
+    assert all(r["messages"][-1]["content"] == "safe" for r in voiced)
+    assert all(r["source_response"] == f"Policy says: {r['instruction']}" for r in voiced
+               if not r["is_prefix"])
+    # each voiced row sits in the same split as its instruction's dataset answer
+    for split in ("train", "heldout"):
+        voiced = {r["instruction"] for r in rows if r["kind"] == "benign_policy"
+                  and r["split"] == split}
+        own = {r["instruction"] for r in rows if r["kind"] == "benign" and r["split"] == split}
+        assert voiced and voiced <= own
+
+
 def test_labelled_sets_add_guard_and_reference_rows_in_their_own_format(tmp_path):
     harmful = instruction_file(tmp_path / "harmful.json",
                                [(f"harmful request {i}", "I cannot.") for i in range(20)])
