@@ -281,10 +281,11 @@ def prepare_and_build(cfg: RunConfig, out: Path, steps: Steps) -> None:
         compliant = prep.compliant
 
         def answer(prompts: list[str]) -> list[str]:
-            say(f"  answers of {compliant.model} to {len(prompts)} harmful instructions")
+            say(f"  answers of {compliant.model} to {len(prompts)} instructions")
             answers = greedy_answers(compliant.model, prompts, compliant.max_new_tokens,
                                      compliant.batch_size, compliant.dtype)
-            return ["" if is_refusal(a) else a for a in answers]  # refusals are no unsafe rows
+            # a refusal is neither a compliant (unsafe) row nor a helpful benign one
+            return ["" if is_refusal(a) else a for a in answers]
 
         steps.run("prepare", {"prepare": to_dict(prep), "inputs": input_fingerprint(prep)},
                   [prep.output_dir],

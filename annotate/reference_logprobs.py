@@ -135,9 +135,10 @@ class ReferenceProvenance:
     tokenization: max_length, min_response_tokens, mask_method used to find the positions.
     top_k, logprob_dtype: what was stored; compute_dtype: the reference's weights' dtype.
     backend: transformers or vllm (informational; the two agree to ~1e-4 in float32).
-    attention: the transformers attention kernel the values were computed with ("vllm" for
-        vLLM's own; "" in shards written before it was recorded). Another kernel than the
-        live policy's agrees only to float noise: training warns, it does not refuse.
+    attn_implementation: the transformers attention kernel the values were computed with
+        (empty for vLLM's own kernels, and in shards written before it was recorded).
+        Another kernel than the live policy's agrees only to float noise: training warns,
+        it does not refuse.
     """
 
     reference: Mapping[str, Any]
@@ -147,7 +148,7 @@ class ReferenceProvenance:
     compute_dtype: str
     logprob_dtype: str = LOGPROB_DTYPE
     backend: str = "transformers"
-    attention: str = ""
+    attn_implementation: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -162,23 +163,21 @@ class ReferenceKernelWarning(UserWarning):
     """Stored reference values from another attention kernel than the policy's."""
 
 
-def attention_of(model: Any) -> str:
-    """The attention kernel a loaded transformers model runs ("eager", "sdpa", ...)."""
-    return str(getattr(model.config, "_attn_implementation", None) or "")
-
-
 def kernel_mismatch(stored: ReferenceProvenance, expected: ReferenceProvenance) -> str | None:
-    """Why stored values are not bit-for-bit the live reference's kernel's, or None. Only a
-    transformers-computed shard with a recorded kernel is compared (vLLM's kernels always
-    differ, like its backend, to ~1e-4)."""
-    if stored.backend != "transformers" or not stored.attention or not expected.attention:
+    """Why stored values are not bit for bit what the live reference would compute, or None.
+
+    Only a transformers-made shard with a recorded kernel is compared (vLLM's kernels, like
+    its backend, always differ to ~1e-4). `expected` is a run on the CPU, where annotate
+    scores too; on a GPU the two never match bit for bit whatever the kernel.
+    """
+    if not stored.attn_implementation or not expected.attn_implementation:
         return None
-    if stored.attention == expected.attention:
+    if stored.attn_implementation == expected.attn_implementation:
         return None
-    return (f"the precomputed reference was computed with {stored.attention} attention, "
-            f"this run's policy uses {expected.attention}: the values agree only to float "
-            f"noise; annotate with reference.attn_implementation: {expected.attention} for "
-            "an exact match")
+    return (f"the precomputed reference was computed with {stored.attn_implementation} "
+            f"attention, this run's policy uses {expected.attn_implementation}: the values "
+            "agree only to float noise; annotate with reference.attn_implementation: "
+            f"{expected.attn_implementation} for an exact match")
 
 
 def tokenization_settings(cfg: TokenizationConfig) -> dict[str, Any]:
@@ -199,7 +198,7 @@ def check_reference_provenance(
     """Refuse stored reference values that do not describe this run's reference.
 
     `expected.top_k` is the smallest top-k the run accepts (0: any, e.g. for k2); the
-    backend is not compared.
+    backend is not compared, nor the attention kernel (float noise: `kernel_mismatch`).
     """
     from safekeel.annotate.activations import ModelFingerprint
 

@@ -23,7 +23,6 @@ from safekeel.annotate.reference_logprobs import (
     REFERENCE_COLUMNS,
     REFERENCE_METADATA_KEY,
     ReferenceProvenance,
-    attention_of,
     score_conversations,
     tokenization_settings,
 )
@@ -95,7 +94,7 @@ class ReferenceAnnotator:
     def __init__(self, cfg: ReferenceConfig, policy: str, tokenizer: Any,
                  tokenization: TokenizationConfig, trust_remote_code: bool = False):
         from safekeel.annotate.activations import fingerprint_transformers_model
-        from safekeel.data.models import attention_kernel, load_causal_lm
+        from safekeel.data.models import attention_kernel, attention_of, load_causal_lm
         from safekeel.data.precision import resolve_dtype
 
         self.cfg, self.tokenizer, self.tokenization = cfg, tokenizer, tokenization
@@ -125,7 +124,7 @@ class ReferenceAnnotator:
             top_k=cfg.top_k,
             compute_dtype=self.scorer.compute_dtype,
             backend=self.scorer.backend,
-            attention="vllm" if backend == "vllm" else attention_of(model),
+            attn_implementation="" if backend == "vllm" else attention_of(model),
         )
 
     def _vllm_scorer(self, policy: str, dtype: str, trust_remote_code: bool) -> Any:

@@ -157,8 +157,9 @@ def scoring_config_hash(cfg: AnnotateConfig) -> str:
         values.pop(engine_only)
     for report_only in ("label_column", "label_positive", "label_negative"):
         values["corpus"].pop(report_only)  # the report reads them; the scores do not
-    if values["reference"]["attn_implementation"] == "auto":
-        values["reference"].pop("attn_implementation")  # the default: earlier hashes hold
+    # the kernel the reference ran is in the provenance (resolved: auto and eager are one
+    # on a CPU, and vLLM ignores the option), so a rerun with another one is refused there
+    values["reference"].pop("attn_implementation")
     return config_hash(values)
 
 

@@ -171,6 +171,12 @@ def attention_kernel(choice: str, device_type: str) -> str | None:
     return "eager" if device_type == "cpu" else None
 
 
+def attention_of(model: PreTrainedModel) -> str:
+    """The attention kernel a loaded model runs, as transformers resolved it ("eager",
+    "sdpa", ...; a None choice has become transformers' default by then)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "")
+
+
 def _check_revision(name: str | os.PathLike[str], revision: str | None) -> None:
     if revision is not None and os.fspath(name) == SMOLLM2_ALIAS:
         raise ValueError(

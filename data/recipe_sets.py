@@ -8,7 +8,8 @@ From local files (paths in the config) it writes JSONL chat sets into `{output_d
   `guard.user_format`) answered `unsafe` or `safe`. Unsafe: a harmful instruction with a
   compliant answer (the base policy's own greedy answers, which contain no refusal keyword;
   optionally hh-rlhf `rejected` final replies). Safe: a harmful instruction with its refusal,
-  a benign instruction with its answer. Each response also appears cut at a few points
+  a benign instruction with its answer (and, with `guard.benign_policy_answers`, with the
+  base policy's answer too, so both labels come in the policy's voice). Each response also appears cut at a few points
   (`prefix_fractions`, same label), so the guard's scores of partial responses (STAR) mean
   something. The held-out split holds instructions the training split never shows;
 * `labelled` files (e.g. the harmful fine-tuning mixes of other tasks, with a `flag`
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safekeel.data.config import option
+from safekeel.data.config import ConfigError, option
 from safekeel.data.files import file_sha256
 from safekeel.data.mixes import (
     ExcludedPrompts,
@@ -98,7 +99,8 @@ class LabelledSet:
 @dataclass
 class CompliantAnswers:
     model: str = option("", help="The model whose greedy answers to harmful instructions are "
-                        "the guard's unsafe rows (the base policy); empty: none.")
+                        "the guard's unsafe rows (the base policy), and to benign ones safe "
+                        "rows with guard.benign_policy_answers; empty: none.")
     max_new_tokens: int = option(80, help="Tokens per answer.")
     batch_size: int = option(16, help="Prompts per generate call (transformers).")
     dtype: str = option("float32", help="Generation dtype (transformers).")
@@ -126,6 +128,13 @@ class PrepareConfig:
     compliant: CompliantAnswers = option(CompliantAnswers, help="Compliant answers (unsafe).")
     output_dir: str = option("{output_dir}/data", help="Where the sets are written.")
 
+    def validate(self) -> None:
+        if self.guard.benign_policy_answers and not self.compliant.model:
+            raise ConfigError("guard.benign_policy_answers: set compliant.model (the policy "
+                              "that answers)")
+        if self.guard.hh_rejected and not self.hh_rlhf:
+            raise ConfigError("guard.hh_rejected: set hh_rlhf (the file to take them from)")
+
 
 @dataclass
 class PreparedSets:
@@ -148,8 +157,9 @@ Answerer = Callable[[list[str]], list[str]]
 
 
 def prepare_sets(cfg: PrepareConfig, answer: Answerer | None = None) -> PreparedSets:
-    """Write the sets of the module docstring; `answer` gives the base policy's compliant
-    replies to harmful instructions, "" where it refused (None: no compliant rows)."""
+    """Write the sets of the module docstring; `answer` gives the base policy's replies to
+    instructions (the harmful ones; the benign ones too with guard.benign_policy_answers),
+    "" where it refused (None: no policy-answered rows)."""
     out = Path(cfg.output_dir)
     excluded = ExcludedPrompts(cfg.exclude)
     harmful, dropped_harmful = excluded.keep(read_instruction_pairs(cfg.harmful))

@@ -96,16 +96,15 @@ class StoredReference:
 
 
 def expected_reference_provenance(
-    model: torch.nn.Module, tokenizer: Any, tokenization: Any, name: str, *, min_top_k: int
+    model: torch.nn.Module, tokenizer: Any, tokenization: Any, name: str, *, min_top_k: int,
+    on_cpu: bool,
 ) -> Any:
     """This run's reference as annotate would have recorded it: the starting policy (before
-    any adapter), the policy tokenizer, the tokenisation and the weights' dtype."""
+    any adapter), the policy tokenizer, the tokenisation, the weights' dtype and, for a run
+    on the CPU, the attention kernel."""
     from safekeel.annotate.activations import fingerprint_transformers_model
-    from safekeel.annotate.reference_logprobs import (
-        ReferenceProvenance,
-        attention_of,
-        tokenization_settings,
-    )
+    from safekeel.annotate.reference_logprobs import ReferenceProvenance, tokenization_settings
+    from safekeel.data.models import attention_of
     from safekeel.data.shards import tokenizer_fingerprint
 
     return ReferenceProvenance(
@@ -114,7 +113,8 @@ def expected_reference_provenance(
         tokenization=tokenization_settings(tokenization),
         top_k=min_top_k,
         compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        attention=attention_of(model),
+        # annotate scores on the CPU: only a CPU run can match its kernel bit for bit
+        attn_implementation=attention_of(model) if on_cpu else "",
     )
 
 

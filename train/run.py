@@ -594,7 +594,7 @@ def setup_model(
             raise ConfigError("reference: precomputed needs the training stream's shards")
         expected = expected_reference_provenance(
             model, stream.tokenizer, cfg.tokenization, cfg.policy,
-            min_top_k=cfg.reference_min_top_k)
+            min_top_k=cfg.reference_min_top_k, on_cpu=accelerator.device.type == "cpu")
         check_stored_reference(stream.reader.files, expected, estimator=cfg.kl.estimator)
         reference = StoredReference()
     if cfg.lora.enabled:

@@ -1,6 +1,5 @@
 """annotate's `reference` section: the three token columns in the shards, with provenance."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -107,25 +106,15 @@ def test_a_rerun_with_another_top_k_is_refused(corpus, tiny_model_dir, tmp_path,
 
 
 def test_a_rerun_with_another_attention_kernel_is_refused(corpus, tiny_model_dir, tmp_path):
-    """The kernel decides the stored values, so it is part of the scoring hash; its default
-    is left out of it (so shards from before the setting existed still resume)."""
-    from safekeel.annotate.run import scoring_config_hash
-    from safekeel.data.config import config_hash
-
-    auto = config(corpus, tiny_model_dir, tmp_path / "out")
-    sdpa = config(corpus, tiny_model_dir, tmp_path / "out", attn_implementation="sdpa")
-    assert scoring_config_hash(auto) != scoring_config_hash(sdpa)
-    values = dataclasses.asdict(auto)
-    values["reference"].pop("attn_implementation")
-    values.update(output_dir="", num_workers=1, worker_index=0)
-    for left_out in ("engine", "ray"):
-        values.pop(left_out)
-    for report_only in ("label_column", "label_positive", "label_negative"):
-        values["corpus"].pop(report_only)
-    assert scoring_config_hash(auto) == config_hash(values)
-    annotate(auto)
+    """The kernel decides the stored values: the provenance records the one that ran (auto
+    is eager on a CPU, as in training), and a rerun with another is refused by it."""
+    out = tmp_path / "out"
+    annotate(config(corpus, tiny_model_dir, out))
+    assert reference_provenance_of(ShardReader(out).provenance).attn_implementation == "eager"
     with pytest.raises(ManifestError, match="different provenance"):
-        annotate(sdpa)
+        annotate(config(corpus, tiny_model_dir, out, attn_implementation="sdpa"))
+    # eager is what auto ran: the same provenance, so the finished run is simply reused
+    annotate(config(corpus, tiny_model_dir, out, attn_implementation="eager"))
 
 
 def test_auto_backend_is_vllm_only_where_installed(monkeypatch):

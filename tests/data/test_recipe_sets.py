@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from safekeel.data.config import ConfigError, from_dict
 from safekeel.data.mixes import (
     ExcludedPrompts,
     chat_guard_rows,
@@ -156,6 +157,16 @@ def test_benign_policy_answers_are_safe_rows_in_the_policys_voice(tmp_path):
                   and r["split"] == split}
         own = {r["instruction"] for r in rows if r["kind"] == "benign" and r["split"] == split}
         assert voiced and voiced <= own
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"guard": {"benign_policy_answers": True}}, "set compliant.model"),
+    ({"guard": {"hh_rejected": 10}}, "set hh_rlhf"),
+])
+def test_policy_or_hh_rows_without_their_source_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(PrepareConfig, values)
+    from_dict(PrepareConfig, {**values, "compliant": {"model": "m"}, "hh_rlhf": "f.jsonl.gz"})
 
 
 def test_labelled_sets_add_guard_and_reference_rows_in_their_own_format(tmp_path):

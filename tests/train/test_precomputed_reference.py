@@ -126,11 +126,12 @@ def test_precomputed_with_lora_trains_like_the_disabled_adapter(
 def test_stored_kernel_is_recorded_and_another_one_warns_once(tiny_model_dir, corpus,
                                                               tmp_path):
     """auto is eager (training's auto on a CPU); an sdpa-made reference trains an sdpa
-    policy exactly like its live sdpa reference, and an eager policy with a warning."""
+    policy like its live sdpa reference (to float noise), and an eager policy with one
+    warning."""
     eager = annotate_reference(tmp_path / "eager", corpus, tiny_model_dir, 8)
     sdpa = annotate_reference(tmp_path / "sdpa", corpus, tiny_model_dir, 8, attention="sdpa")
-    assert reference_provenance_of(ShardReader(eager).provenance).attention == "eager"
-    assert reference_provenance_of(ShardReader(sdpa).provenance).attention == "sdpa"
+    assert reference_provenance_of(ShardReader(eager).provenance).attn_implementation == "eager"
+    assert reference_provenance_of(ShardReader(sdpa).provenance).attn_implementation == "sdpa"
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -147,6 +148,27 @@ def test_stored_kernel_is_recorded_and_another_one_warns_once(tiny_model_dir, co
     assert str(kernel_warnings[0].message).startswith(
         "shard-00000.parquet: the precomputed reference was computed with sdpa attention, "
         "this run's policy uses eager")
+
+
+def test_a_gpu_run_is_not_warned_about_the_cpu_kernel(tiny_model_dir, tiny_tokenizer, corpus,
+                                                      tmp_path):
+    """annotate scores on the CPU: a GPU run matches it only to float noise whatever the
+    kernel, like a vLLM-made shard, so no kernel advice is given there."""
+    from safekeel.data.models import load_causal_lm
+    from safekeel.data.tokenization import TokenizationConfig
+    from safekeel.train.reference import check_stored_reference, expected_reference_provenance
+
+    sdpa = annotate_reference(tmp_path / "sdpa", corpus, tiny_model_dir, 8, attention="sdpa")
+    model = load_causal_lm(tiny_model_dir, attn_implementation="eager")
+    files = ShardReader(sdpa).files
+    for on_cpu, warned in ((False, 0), (True, 1)):
+        expected = expected_reference_provenance(
+            model, tiny_tokenizer, TokenizationConfig(max_length=MAX_LENGTH), str(tiny_model_dir),
+            min_top_k=0, on_cpu=on_cpu)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_stored_reference(files, expected, estimator="k2")
+        assert len([w for w in caught if w.category is ReferenceKernelWarning]) == warned
 
 
 def test_forward_kl_refuses_too_small_a_top_k(tiny_model_dir, shards_k8, tmp_path):
