@@ -27,6 +27,16 @@ def instruction_file(path, pairs):
     return path
 
 
+def harmful_and_benign_files(tmp_path, harmful: int, benign: int):
+    """Harmful instructions answered by a refusal, benign ones by a numbered answer."""
+    return (instruction_file(tmp_path / "harmful.json",
+                             [(f"harmful request {i}", "I cannot help with that.")
+                              for i in range(harmful)]),
+            instruction_file(tmp_path / "benign.json",
+                             [(f"benign request {i}", f"Here is answer {i}.")
+                              for i in range(benign)]))
+
+
 def test_normalised_prompts_ignore_case_punctuation_and_spacing():
     assert normalise_prompt("  Write a Script that can EXPLOIT  vulnerabilities!") == \
         normalise_prompt("write a script, that can exploit vulnerabilities")
@@ -66,11 +76,7 @@ def test_response_prefixes_are_shorter_and_distinct():
 
 
 def test_prepared_sets_keep_evaluation_prompts_out_and_uses_apart(tmp_path):
-    harmful = instruction_file(tmp_path / "harmful.json",
-                               [(f"harmful request {i}", "I cannot help with that.")
-                                for i in range(40)])
-    benign = instruction_file(tmp_path / "benign.json",
-                              [(f"benign request {i}", f"Here is answer {i}.") for i in range(30)])
+    harmful, benign = harmful_and_benign_files(tmp_path, 40, 30)
     evaluation = tmp_path / "eval.csv"
     evaluation.write_text("goal\nHarmful request 3\nharmful request 7.\n")
     cfg = PrepareConfig(harmful=str(harmful), benign=str(benign), exclude=[str(evaluation)],
@@ -113,11 +119,7 @@ def test_prepared_sets_keep_evaluation_prompts_out_and_uses_apart(tmp_path):
 
 
 def test_benign_policy_answers_are_safe_rows_in_the_policys_voice(tmp_path):
-    harmful = instruction_file(tmp_path / "harmful.json",
-                               [(f"harmful request {i}", "I cannot help with that.")
-                                for i in range(20)])
-    benign = instruction_file(tmp_path / "benign.json",
-                              [(f"benign request {i}", f"Here is answer {i}.") for i in range(20)])
+    harmful, benign = harmful_and_benign_files(tmp_path, 20, 20)
     asked: list[list[str]] = []
 
     def answer(prompts):
