@@ -9,9 +9,9 @@ From local files (paths in the config) it writes JSONL chat sets into `{output_d
   compliant answer (the base policy's own greedy answers, which contain no refusal keyword;
   optionally hh-rlhf `rejected` final replies). Safe: a harmful instruction with its refusal,
   a benign instruction with its answer (and, with `guard.benign_policy_answers`, with the
-  base policy's answer too, so both labels come in the policy's voice). Each response also appears cut at a few points
-  (`prefix_fractions`, same label), so the guard's scores of partial responses (STAR) mean
-  something. The held-out split holds instructions the training split never shows;
+  base policy's answer too, so both labels come in the policy's voice). Each response also
+  appears cut at a few points (`prefix_fractions`, same label), so the guard's scores of
+  partial responses (STAR) mean something. The held-out split holds instructions the training split never shows;
 * `labelled` files (e.g. the harmful fine-tuning mixes of other tasks, with a `flag`
   column) add guard rows (their unsafe rows unsafe, the rest safe) and benign reference rows
   in their own format, such as short classification answers inside an Alpaca template;
@@ -200,16 +200,15 @@ def prepare_sets(cfg: PrepareConfig, answer: Answerer | None = None) -> Prepared
     train_b, held_b = split_guard(guard_b, cfg.seed + 3)
     train_lu, held_lu = split_guard(labelled_unsafe, cfg.seed + 6)
     train_ls, held_ls = split_guard(labelled_safe, cfg.seed + 7)
-    compliant: dict[str, str] = {}
-    if answer is not None and guard_h:
-        prompts = [p for p, _ in guard_h]
-        compliant = {p: a for p, a in zip(prompts, answer(prompts), strict=True)
-                     if a.strip()}
-    benign_answers: dict[str, str] = {}
-    if answer is not None and g.benign_policy_answers and guard_b:
-        prompts = [p for p, _ in guard_b]
-        benign_answers = {p: a for p, a in zip(prompts, answer(prompts), strict=True)
-                          if a.strip()}
+    def policy_answers(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """The base policy's answer to each instruction it did not refuse."""
+        if answer is None or not pairs:
+            return {}
+        prompts = [p for p, _ in pairs]
+        return {p: a for p, a in zip(prompts, answer(prompts), strict=True) if a.strip()}
+
+    compliant = policy_answers(guard_h)
+    benign_answers = policy_answers(guard_b) if g.benign_policy_answers else {}
     hh: list[tuple[str, str]] = []
     if g.hh_rejected and cfg.hh_rlhf:
         hh_pairs, _ = excluded.keep(hh_rlhf_final_turns(cfg.hh_rlhf, "rejected"))
