@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(VENV)/bin/safekeel run
 
+# -n auto: one worker per core (as many as the memory holds, tests/conftest.py), each pinned
+# to its core; worksteal evens out the long tests.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist worksteal
 
 lint: install
 	$(VENV)/bin/ruff check .

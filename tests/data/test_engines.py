@@ -106,13 +106,16 @@ def test_environment_fills_gaps_and_keeps_user_values(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     wanted = engine_environment(EngineSpec(model="m"), cpu=True)
     assert "OMP_NUM_THREADS" not in wanted
-    cores = len(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0))
     assert wanted["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    assert wanted["VLLM_CPU_OMP_THREADS_BIND"] == (f"0-{cores - 1}" if cores > 1 else "0")
+    assert wanted["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
     assert wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert engine_environment(EngineSpec(model="m"), cpu=False) == {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    assert cpu_environment(1)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    # a process pinned to core 1 binds vLLM's threads to core 1, not to core 0
+    assert cpu_environment([1]) == {"OMP_NUM_THREADS": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                                    "VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert cpu_environment([0, 2, 3])["VLLM_CPU_OMP_THREADS_BIND"] == "0,2,3"
 
 
 def test_start_engine_sets_the_environment_only_while_it_builds(monkeypatch, tiny_model_dir):

@@ -35,7 +35,7 @@ LAUNCHERS = {
 
 
 def launch(launcher: str, args: list[str], cwd: Path,
-           timeout: float = 120) -> subprocess.CompletedProcess:
+           timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}
     # The installed package, run as a module (as the README shows), from outside the repo.

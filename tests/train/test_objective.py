@@ -624,7 +624,7 @@ def test_two_processes_with_ddp_averaging_match_the_whole_batch(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
