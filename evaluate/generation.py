@@ -46,6 +46,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from safekeel.data import precision
 from safekeel.data.adapters import adapter_chain, is_adapter_dir, read_adapter_base
@@ -442,7 +443,10 @@ class TransformersGenerator:
         results: list[Generation | None] = [None] * len(prompts)
         # Batches of similar length waste little compute on padding.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        # a bar: a few hundred answers of a 135M model take minutes on a CPU
+        bar = tqdm(total=len(prompts), desc="generate (transformers)", unit="row",
+                   disable=not prompts, leave=False)
+        with bar, torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(settings.seed)
             for start in range(0, len(order), settings.batch_size):
                 rows = order[start : start + settings.batch_size]
@@ -460,6 +464,7 @@ class TransformersGenerator:
                 )
                 for slot, i in enumerate(rows):
                     results[i] = _finish(output[slot, width:].tolist(), stop, self.tokenizer)
+                bar.update(len(rows))
         assert all(result is not None for result in results)  # every row was in a batch
         return results  # type: ignore[return-value]
 

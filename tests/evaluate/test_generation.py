@@ -242,6 +242,16 @@ def test_batched_greedy_equals_a_naive_loop(transformers_generator):
         assert output.text == generator.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_transformers_generation_shows_a_bar_and_none_for_no_prompts(transformers_generator,
+                                                                     capsys):
+    generator = transformers_generator
+    prompts = [render_prompt(generator.tokenizer, c) for c in CONVERSATIONS]
+    generator.generate_tokens(prompts, max_new_tokens=2)
+    assert f"generate (transformers):   0%|          | 0/{len(prompts)}" in capsys.readouterr().err
+    assert generator.generate_tokens([], max_new_tokens=2) == []
+    assert "generate" not in capsys.readouterr().err
+
+
 def test_generation_stops_at_a_stop_token(transformers_generator):
     generator = transformers_generator
     prompt = render_prompt(generator.tokenizer, CONVERSATIONS[0])
