@@ -38,6 +38,7 @@ from safekeel.annotate.activations import (
     TransformersActivationExtractor,
     VLLMActivationExtractor,
 )
+from safekeel.data.engines import usable_cores
 from safekeel.data.models import load_causal_lm, load_tokenizer, resolve_model_path
 
 
@@ -68,8 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = pick_dtype(args.dtype)
     rows = 64 if args.quick else args.rows
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or len(
-        os.sched_getaffinity(0))
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or len(usable_cores())
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the engine's too (data.engines keeps it)
     torch.set_num_threads(threads)
     model_path = resolve_model_path(args.model)

@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch
 from benchlib import GENERIC_GUARD_OPTIONS, SHARED, PeakRSS, add_common_arguments, pick_dtype, say
 
+from safekeel.data.engines import usable_cores
 from safekeel.data.guard.critic import GuardSettings, TransformersCritic, VLLMCritic
 from safekeel.data.precision import matmul_peak
 
@@ -120,7 +121,7 @@ def main() -> None:
     args.rows = args.rows or (4 if args.quick else 96)
     args.words = args.words or (20 if args.quick else 70)
     warm = 2 if args.quick else 8  # warm-up rows
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(usable_cores()))
     dtype = pick_dtype(args.dtype)
     # Measured first: once an in-process vLLM engine has bound its OpenMP threads, torch
     # matmuls in this process run slower, and the "peak" would flatter the ratio.

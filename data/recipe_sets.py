@@ -11,7 +11,8 @@ From local files (paths in the config) it writes JSONL chat sets into `{output_d
   a benign instruction with its answer (and, with `guard.benign_policy_answers`, with the
   base policy's answer too, so both labels come in the policy's voice). Each response also
   appears cut at a few points (`prefix_fractions`, same label), so the guard's scores of
-  partial responses (STAR) mean something. The held-out split holds instructions the training split never shows;
+  partial responses (STAR) mean something. The held-out split holds instructions the
+  training split never shows;
 * `labelled` files (e.g. the harmful fine-tuning mixes of other tasks, with a `flag`
   column) add guard rows (their unsafe rows unsafe, the rest safe) and benign reference rows
   in their own format, such as short classification answers inside an Alpaca template;
